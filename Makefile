@@ -1,0 +1,31 @@
+# chatguard — the two commands a newcomer needs:
+#   make run    set everything up and start the server on 127.0.0.1:8686
+#   make test   set everything up and run every test
+SHELL := /bin/bash
+CARGO ?= cargo
+LISTEN ?= 127.0.0.1:8686
+
+.PHONY: run test bench models build lint fmt clean-models
+
+models:
+	bash models/setup.sh
+
+build:
+	$(CARGO) build --release
+
+run: models build
+	./target/release/chatguard serve --listen $(LISTEN)
+
+test: models
+	$(CARGO) test --all-features --lib --bins --tests
+	$(CARGO) bench --no-run
+
+bench: models
+	$(CARGO) bench
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

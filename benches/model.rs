@@ -1,0 +1,263 @@
+//! Text-model throughput and latency: the dynamic batcher under many concurrent requesters vs the
+//! ONNX sessions called directly with fixed batches.
+//!
+//! ```text
+//! cargo bench --bench model                      # 10k messages
+//! cargo bench --bench model -- --quick           # 2k messages
+//! cargo bench --bench model -- --messages 5000 --concurrency 128 --intra-threads 1 --batch 16
+//! ```
+//! Needs `make models`. Prints msgs/s and p50/p99 latency for: lone requests through the batcher,
+//! the batcher under `--concurrency` closed-loop requesters, and the direct fixed-batch path
+//! (tokenize+run, and pre-tokenized "raw"), then the batcher/raw ratio.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chatguard::text::classifier::{TextClassifier, TextModelConfig};
+
+/// Command-line knobs.
+struct Args {
+    /// Messages per phase.
+    messages: usize,
+    /// Concurrent requesters in the batcher phase.
+    concurrency: usize,
+    /// ONNX Runtime intra-op threads.
+    intra_threads: usize,
+    /// Batch size of the direct path (and the batcher's max batch size).
+    batch: usize,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        messages: 10_000,
+        concurrency: 64,
+        intra_threads: TextModelConfig::default().intra_threads,
+        batch: 32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> usize {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match arg.as_str() {
+            "--quick" => args.messages = 2_000,
+            "--messages" => args.messages = value("--messages"),
+            "--concurrency" => args.concurrency = value("--concurrency"),
+            "--intra-threads" => args.intra_threads = value("--intra-threads"),
+            "--batch" => args.batch = value("--batch"),
+            _ => {} // `--bench` and other harness flags
+        }
+    }
+    args
+}
+
+/// Deterministic, chat-like messages: mostly short and benign, some rude, a few long.
+fn chat_messages(n: usize) -> Vec<String> {
+    const OPENERS: &[&str] = &[
+        "", "hey", "lol", "ok", "guys", "omg", "yo", "hmm", "well", "bro",
+    ];
+    const BODIES: &[&str] = &[
+        "are you coming to the raid tonight",
+        "what time is the stream",
+        "gg that was a close one",
+        "can someone send me the link to the docs",
+        "I think the update broke my settings",
+        "thanks for the help earlier, it works now",
+        "anyone want to team up for ranked",
+        "brb getting food",
+        "this song is so good",
+        "where did you buy that skin",
+        "you are the worst player I have ever seen",
+        "shut up nobody asked you",
+        "uninstall the game you absolute idiot",
+        "nobody would miss you if you disappeared",
+        "I will find you and hurt you",
+        "have a great day everyone",
+        "the meeting moved to 3pm, see you there",
+        "did you see the match last night? the second half was unbelievable and the keeper saved everything",
+        "happy birthday!! hope you have an amazing year",
+        "stop spamming the chat please",
+    ];
+    const CLOSERS: &[&str] = &["", "", "", "!", "?", " :)", " lmao", " pls", " xD", " ..."];
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move |m: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % m as u64) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let mut msg = String::new();
+            let opener = OPENERS[next(OPENERS.len())];
+            if !opener.is_empty() {
+                msg.push_str(opener);
+                msg.push(' ');
+            }
+            msg.push_str(BODIES[next(BODIES.len())]);
+            if next(8) == 0 {
+                msg.push_str(", and also ");
+                msg.push_str(BODIES[next(BODIES.len())]);
+            }
+            msg.push_str(CLOSERS[next(CLOSERS.len())]);
+            msg
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let args = parse_args();
+    let cfg = TextModelConfig {
+        intra_threads: args.intra_threads,
+        max_batch_size: args.batch,
+        max_batch_tokens: args.batch * 128,
+        queue_capacity: args.concurrency.max(1) * 2,
+        // Measure throughput, not the deadline.
+        queue_timeout_ms: 600_000,
+        ..TextModelConfig::default()
+    };
+    let classifier = TextClassifier::load(&cfg)
+        .unwrap_or_else(|e| panic!("cannot load the text model ({e}); run `make models` first"));
+    let messages = Arc::new(chat_messages(args.messages));
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    println!(
+        "text model bench: {} messages, concurrency {}, batch {}, intra_threads {}, {} CPUs",
+        args.messages,
+        args.concurrency,
+        args.batch,
+        args.intra_threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    // Warm-up (session allocations, caches).
+    classifier
+        .classify_batch_blocking(&refs[..args.batch.min(refs.len())])
+        .unwrap_or_else(|e| panic!("warm-up failed: {e}"));
+
+    // Direct path: fixed batches, tokenization included and pre-tokenized (raw sessions + head).
+    let started = Instant::now();
+    classifier
+        .classify_batch_blocking(&refs)
+        .unwrap_or_else(|e| panic!("direct run failed: {e}"));
+    let direct = args.messages as f64 / started.elapsed().as_secs_f64();
+    let items = classifier
+        .tokenize_blocking(&refs)
+        .unwrap_or_else(|e| panic!("tokenize failed: {e}"));
+    let started = Instant::now();
+    classifier
+        .run_tokenized_blocking(&items)
+        .unwrap_or_else(|e| panic!("raw run failed: {e}"));
+    let raw = args.messages as f64 / started.elapsed().as_secs_f64();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+
+    // Lone requests: one at a time through the batcher (no batching delay expected).
+    let lone_n = (args.messages / 20).clamp(50, 300);
+    let lone = runtime.block_on({
+        let classifier = classifier.clone();
+        let messages = messages.clone();
+        async move {
+            let mut lat = Vec::with_capacity(lone_n);
+            for msg in messages.iter().take(lone_n) {
+                let t = Instant::now();
+                classifier
+                    .classify(msg)
+                    .await
+                    .unwrap_or_else(|e| panic!("classify failed: {e}"));
+                lat.push(t.elapsed());
+            }
+            lat
+        }
+    });
+
+    // Concurrent closed-loop requesters through the batcher.
+    let before = classifier.stats();
+    let started = Instant::now();
+    let mut latencies = runtime.block_on({
+        let classifier = classifier.clone();
+        let messages = messages.clone();
+        async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..args.concurrency.max(1))
+                .map(|_| {
+                    let (classifier, messages, next) =
+                        (classifier.clone(), messages.clone(), next.clone());
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(msg) = messages.get(i) else { break };
+                            let t = Instant::now();
+                            classifier
+                                .classify(msg)
+                                .await
+                                .unwrap_or_else(|e| panic!("classify failed: {e}"));
+                            lat.push(t.elapsed());
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await.unwrap_or_else(|e| panic!("requester task: {e}")));
+            }
+            all
+        }
+    });
+    let elapsed = started.elapsed();
+    let after = classifier.stats();
+    latencies.sort_unstable();
+    let mut lone = lone;
+    lone.sort_unstable();
+    let batched = latencies.len() as f64 / elapsed.as_secs_f64();
+    let batches = after.batches - before.batches;
+    let items = after.batched_items - before.batched_items;
+
+    println!(
+        "lone requests (batcher, 1 in flight): n={} p50={:.2} ms p99={:.2} ms",
+        lone.len(),
+        ms(percentile(&lone, 0.5)),
+        ms(percentile(&lone, 0.99))
+    );
+    println!(
+        "batcher, {} requesters:              {:.0} msgs/s  p50={:.1} ms p99={:.1} ms  mean batch {:.1} ({} batches)",
+        args.concurrency,
+        batched,
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        items as f64 / batches.max(1) as f64,
+        batches
+    );
+    println!(
+        "direct fixed batches of {} (tokenize+run): {direct:.0} msgs/s",
+        args.batch
+    );
+    println!(
+        "raw sessions fixed batches of {} (pre-tokenized): {raw:.0} msgs/s",
+        args.batch
+    );
+    println!(
+        "ratio batcher/raw = {:.0}%   batcher/direct = {:.0}%",
+        100.0 * batched / raw,
+        100.0 * batched / direct
+    );
+}

@@ -1,0 +1,321 @@
+//! # Configuration
+//!
+//! Two phases (ripgrep's lowargs → hiargs): [`RawConfig`] is what the TOML file and the
+//! environment say; [`Config::build`] validates it and builds the objects the server runs with
+//! (tenant table, lexicon, policies). Called by `main` and by tests.
+//!
+//! Every setting has an embedded default, so `chatguard serve` runs with no file at all.
+
+use crate::behaviour::BehaviourConfig;
+use crate::policy::Policy;
+use crate::text::classifier::TextModelConfig;
+use crate::text::lexicon::Lexicon;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Name of the tenant a quick-start `CHATGUARD_TOKEN` maps to.
+pub const DEFAULT_TENANT: &str = "default";
+/// Name of the policy used when a request names none.
+pub const DEFAULT_POLICY: &str = "default";
+
+/// Errors building a [`Config`]. Each names the setting to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    /// The wordlists could not be loaded.
+    #[error("lexicon: {0}")]
+    Lexicon(#[from] crate::text::lexicon::LexiconError),
+}
+
+/// `[server]`: the WebSocket listener and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (`--listen` overrides).
+    pub listen: SocketAddr,
+    /// Most simultaneous WebSocket connections; more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Most requests in flight on one connection; more get an `overloaded` error.
+    pub max_in_flight_per_connection: usize,
+    /// Largest WebSocket message (and frame) in bytes; larger closes with 1009.
+    pub max_message_bytes: usize,
+    /// Largest `text` in bytes; larger gets a `too_large` error.
+    pub max_text_bytes: usize,
+    /// Most images in one `moderate` request.
+    pub max_images_per_message: usize,
+    /// Time allowed for the TCP + WebSocket handshake, in milliseconds (slowloris guard).
+    pub handshake_timeout_ms: u64,
+    /// On shutdown, how long in-flight requests may take before connections close anyway.
+    pub shutdown_grace_ms: u64,
+    /// Queue of outgoing frames per connection; a client that stops reading stalls only itself.
+    pub outgoing_queue_len: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8686)),
+            max_connections: 1024,
+            max_in_flight_per_connection: 256,
+            max_message_bytes: 16 << 20,
+            max_text_bytes: 64 << 10,
+            max_images_per_message: 16,
+            handshake_timeout_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+            outgoing_queue_len: 512,
+        }
+    }
+}
+
+/// `[admin]`: the HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`--admin-listen` overrides).
+    pub listen: SocketAddr,
+    /// Serve the admin endpoints at all.
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8687)),
+            enabled: true,
+        }
+    }
+}
+
+/// `[auth]`: bearer tokens.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Token → tenant name. Empty (and no `CHATGUARD_TOKEN`) means the server runs open.
+    pub tokens: BTreeMap<String, String>,
+}
+
+/// `[lexicon]`: wordlists.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LexiconConfig {
+    /// Directory with the wordlists (layout of the repo's `wordlists/`); the embedded lists
+    /// when absent.
+    pub dir: Option<PathBuf>,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Listener and limits.
+    pub server: ServerConfig,
+    /// Tokens and tenants.
+    pub auth: AuthConfig,
+    /// Admin endpoints.
+    pub admin: AdminConfig,
+    /// Wordlists.
+    pub lexicon: LexiconConfig,
+    /// Named policies; `default` always exists.
+    pub policy: BTreeMap<String, Policy>,
+    /// Sender behaviour tracking.
+    pub behaviour: BehaviourConfig,
+    /// The transformer text classifier.
+    pub text_model: TextModelConfig,
+}
+
+impl RawConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies environment overrides: `CHATGUARD_TOKEN` adds a token for tenant `default`.
+    pub fn apply_env(&mut self) {
+        if let Ok(token) = std::env::var("CHATGUARD_TOKEN")
+            && !token.is_empty()
+        {
+            self.auth.tokens.insert(token, DEFAULT_TENANT.to_string());
+        }
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Clone)]
+pub struct Config {
+    /// Listener and limits.
+    pub server: ServerConfig,
+    /// Admin endpoints.
+    pub admin: AdminConfig,
+    /// Token → tenant. Empty means open: every connection is tenant `default`.
+    pub tokens: Arc<HashMap<String, Arc<str>>>,
+    /// The built keyword automaton.
+    pub lexicon: Lexicon,
+    /// Policies by name; always has [`DEFAULT_POLICY`].
+    pub policies: Arc<HashMap<String, Arc<Policy>>>,
+    /// Behaviour settings (validated).
+    pub behaviour: BehaviourConfig,
+    /// Text model settings (validated; the model itself is loaded by the server).
+    pub text_model: TextModelConfig,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("server", &self.server)
+            .field("tenants", &self.tokens.len())
+            .field("lexicon_entries", &self.lexicon.len())
+            .field("policies", &self.policies.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Config {
+    /// Validates `raw` and builds the runtime objects.
+    pub fn build(raw: RawConfig) -> Result<Config, ConfigError> {
+        let s = &raw.server;
+        let positive = [
+            ("server.max_connections", s.max_connections),
+            (
+                "server.max_in_flight_per_connection",
+                s.max_in_flight_per_connection,
+            ),
+            ("server.max_message_bytes", s.max_message_bytes),
+            ("server.max_text_bytes", s.max_text_bytes),
+            ("server.outgoing_queue_len", s.outgoing_queue_len),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be > 0")));
+            }
+        }
+        if s.max_in_flight_per_connection > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::Invalid(
+                "server.max_in_flight_per_connection is too large".into(),
+            ));
+        }
+        if s.max_text_bytes > s.max_message_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_text_bytes ({}) must not exceed server.max_message_bytes ({})",
+                s.max_text_bytes, s.max_message_bytes
+            )));
+        }
+        raw.behaviour
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("behaviour: {e}")))?;
+        raw.text_model
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("text_model: {e}")))?;
+
+        let mut tokens = HashMap::new();
+        for (token, tenant) in &raw.auth.tokens {
+            if token.len() < 8 {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.tokens: token for tenant `{tenant}` is shorter than 8 characters"
+                )));
+            }
+            tokens.insert(token.clone(), Arc::from(tenant.as_str()));
+        }
+
+        let mut policies = HashMap::new();
+        for (name, policy) in raw.policy {
+            policy.validate(&name).map_err(ConfigError::Invalid)?;
+            policies.insert(name, Arc::new(policy));
+        }
+        policies
+            .entry(DEFAULT_POLICY.to_string())
+            .or_insert_with(|| Arc::new(Policy::default()));
+
+        let lexicon = match &raw.lexicon.dir {
+            Some(dir) => Lexicon::from_dir(dir)?,
+            None => Lexicon::embedded()?,
+        };
+
+        Ok(Config {
+            server: raw.server,
+            admin: raw.admin,
+            tokens: Arc::new(tokens),
+            lexicon,
+            policies: Arc::new(policies),
+            behaviour: raw.behaviour,
+            text_model: raw.text_model,
+        })
+    }
+
+    /// The default configuration (what `chatguard serve` runs with no file and no env).
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Config::build(RawConfig::default())
+    }
+
+    /// True when no token is configured: every client is accepted as tenant `default`.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let raw: RawConfig = toml::from_str(
+            r#"
+            [server]
+            listen = "127.0.0.1:9000"
+            max_in_flight_per_connection = 8
+            [auth.tokens]
+            "secret-token-1" = "acme"
+            [policy.kids]
+            default_thresholds = { review = 0.2, block = 0.5 }
+            [policy.kids.thresholds]
+            profanity = { review = 0.1, block = 0.3 }
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(raw.server.listen.port(), 9000);
+        let cfg = Config::build(raw).expect("valid");
+        assert!(cfg.policies.contains_key("kids"));
+        assert!(cfg.policies.contains_key("default"));
+        assert_eq!(cfg.tokens.get("secret-token-1").map(|t| &**t), Some("acme"));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_values() {
+        assert!(toml::from_str::<RawConfig>("[server]\nlisten_port = 1").is_err());
+        let mut raw = RawConfig::default();
+        raw.server.max_text_bytes = raw.server.max_message_bytes + 1;
+        let err = Config::build(raw).expect_err("invalid").to_string();
+        assert!(err.contains("server.max_text_bytes"), "{err}");
+        let mut raw = RawConfig::default();
+        raw.auth.tokens.insert("short".into(), "t".into());
+        assert!(Config::build(raw).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! # chatguard
+//!
+//! A content-moderation sidecar for instant-messaging servers: an IM server sends every chat
+//! message over a WebSocket and gets a verdict (`allow | review | block`) back inline, while
+//! chatguard tracks each sender and pushes sanctions.
+//!
+//! # Layout
+//! - [`config`]: TOML + environment → validated [`config::Config`].
+//! - [`server`]: listener, connections, wire protocol ([`server::protocol`]).
+//! - [`moderator`]: runs the stages for one message and assembles the verdict.
+//! - [`text`]: normalization and the keyword automaton.
+//! - [`policy`]: signals + tenant policy → action, labels, score.
+//! - [`behaviour`]: per-sender flood limits, abuse scores and sanctions.
+//! - [`metrics`]: counters and histograms for the admin `/metrics` endpoint.
+#![forbid(unsafe_code)]
+
+pub mod behaviour;
+pub mod config;
+pub mod metrics;
+pub mod eval;
+pub mod infer;
+pub mod moderator;
+pub mod policy;
+pub mod server;
+pub mod text;

@@ -1,0 +1,213 @@
+//! # Connection
+//!
+//! Takes one authenticated WebSocket and serves it until the client leaves, breaks the
+//! protocol, or the server shuts down. Requests are pipelined: each `moderate` runs as its own
+//! task (at most `server.max_in_flight_per_connection` at once, more get `overloaded`) and its
+//! reply goes out when ready, so replies may come back out of order. A single writer task owns
+//! the socket's sending half and also forwards the tenant's pushed events. Called by
+//! [`super::run`].
+//!
+//! Close codes: 1001 on shutdown, 1009 for a message over `server.max_message_bytes`, 1007 for
+//! a text frame that is not UTF-8, 1002 for other protocol violations.
+
+use super::Shared;
+use super::protocol::{ErrorCode, ErrorReply, Pong, Probe, Request, to_json};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+/// Serves one connection to completion.
+pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shared: Arc<Shared>) {
+    let server = &shared.config.server;
+    let (sink, mut stream) = ws.split();
+    let (out_tx, out_rx) = mpsc::channel::<Message>(server.outgoing_queue_len);
+    let events = shared.moderator.events().subscribe(&tenant);
+    let writer = tokio::spawn(write_loop(sink, out_rx, events));
+    let max_in_flight = server.max_in_flight_per_connection;
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let conn = Conn {
+        tenant,
+        shared: shared.clone(),
+        out_tx,
+        in_flight: in_flight.clone(),
+    };
+    tracing::debug!(tenant = %conn.tenant, "connection open");
+
+    let close: Option<(CloseCode, &'static str)> = loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break Some((CloseCode::Away, "server shutting down")),
+            msg = stream.next() => msg,
+        };
+        match msg {
+            None | Some(Ok(Message::Close(_))) => break None,
+            Some(Ok(Message::Text(text))) => conn.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(_))) => {
+                conn.send_error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "unexpected binary frame: send requests as JSON text frames \
+                     (binary image frames are not supported by this build)",
+                )
+                .await
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Err(e)) => break close_for(&e),
+        }
+    };
+
+    // Let in-flight requests finish and send their replies before the close frame.
+    let grace = Duration::from_millis(server.shutdown_grace_ms);
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, in_flight.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(tenant = %conn.tenant, "in-flight requests outlived the shutdown grace period");
+    }
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = conn.out_tx.send(Message::Close(Some(frame))).await;
+    }
+    drop(conn);
+    let _ = writer.await;
+}
+
+/// Maps a read error to the close frame to send, if the socket can still take one.
+fn close_for(e: &WsError) -> Option<(CloseCode, &'static str)> {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some((
+            CloseCode::Size,
+            "message too big (server.max_message_bytes)",
+        )),
+        WsError::Capacity(_) => Some((CloseCode::Size, "frame too big")),
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "text frame is not valid UTF-8")),
+        WsError::Protocol(p) => {
+            tracing::debug!(error = %p, "protocol violation");
+            Some((CloseCode::Protocol, "protocol violation"))
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed => None,
+        other => {
+            tracing::debug!(error = %other, "read failed");
+            None
+        }
+    }
+}
+
+/// The sending side: replies from `out_rx` and the tenant's events, in arrival order.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+    mut out_rx: mpsc::Receiver<Message>,
+    mut events: broadcast::Receiver<Arc<str>>,
+) {
+    loop {
+        let msg = tokio::select! {
+            msg = out_rx.recv() => match msg {
+                Some(m) => m,
+                None => break,
+            },
+            ev = events.recv() => match ev {
+                Ok(json) => Message::text(json.to_string()),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "slow connection missed pushed events");
+                    continue;
+                }
+                // The hub lives as long as the server; keep serving replies.
+                Err(broadcast::error::RecvError::Closed) => {
+                    events = broadcast::channel(1).1;
+                    continue;
+                }
+            },
+        };
+        let is_close = matches!(msg, Message::Close(_));
+        if sink.send(msg).await.is_err() || is_close {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Per-connection request handling.
+struct Conn {
+    /// The tenant this connection authenticated as.
+    tenant: Arc<str>,
+    /// Server-wide state.
+    shared: Arc<Shared>,
+    /// Frames to send; bounded, so a client that does not read slows only itself.
+    out_tx: mpsc::Sender<Message>,
+    /// One permit per in-flight request.
+    in_flight: Arc<Semaphore>,
+}
+
+impl Conn {
+    async fn send(&self, json: String) {
+        // Fails only when the writer has stopped (the socket is gone): nothing to tell.
+        let _ = self.out_tx.send(Message::text(json)).await;
+    }
+
+    async fn send_error(&self, id: Option<String>, code: ErrorCode, message: &str) {
+        self.shared.metrics.error(code);
+        self.send(to_json(&ErrorReply::new(id, code, message)))
+            .await
+    }
+
+    async fn on_text(&self, text: &str) {
+        let req = match serde_json::from_str::<Request>(text) {
+            Ok(req) => req,
+            Err(e) => {
+                let probe: Probe = serde_json::from_str(text).unwrap_or_default();
+                let message = match probe.kind.as_deref() {
+                    _ if e.is_syntax() || e.is_eof() => format!("malformed JSON: {e}"),
+                    None => format!("missing or non-string `type`: {e}"),
+                    Some(k) if !matches!(k, "moderate" | "ping") => {
+                        format!("unknown type `{k}` (expected `moderate` or `ping`)")
+                    }
+                    Some(k) => format!("invalid `{k}` request: {e}"),
+                };
+                return self
+                    .send_error(probe.id, ErrorCode::BadRequest, &message)
+                    .await;
+            }
+        };
+        match req {
+            Request::Ping { id } => self.send(to_json(&Pong { kind: "pong", id })).await,
+            Request::Moderate(req) => {
+                let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+                    let message = format!(
+                        "too many requests in flight on this connection (limit {}, \
+                         server.max_in_flight_per_connection); wait for replies",
+                        self.shared.config.server.max_in_flight_per_connection
+                    );
+                    return self
+                        .send_error(Some(req.id), ErrorCode::Overloaded, &message)
+                        .await;
+                };
+                let shared = self.shared.clone();
+                let tenant = self.tenant.clone();
+                let out_tx = self.out_tx.clone();
+                tokio::spawn(async move {
+                    let id = req.id.clone();
+                    let json = match shared.moderator.moderate(&tenant, req).await {
+                        Ok(verdict) => to_json(&verdict),
+                        Err(e) => {
+                            shared.metrics.error(e.code());
+                            to_json(&ErrorReply::new(Some(id), e.code(), e.to_string()))
+                        }
+                    };
+                    let _ = out_tx.send(Message::text(json)).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}

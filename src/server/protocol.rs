@@ -1,0 +1,252 @@
+//! # Wire protocol v1
+//!
+//! JSON text frames exchanged on `/v1/ws`. Takes raw frame payloads from
+//! [`super::connection`], gives back typed [`Request`]s, and defines every message chatguard
+//! sends ([`Verdict`], [`Pong`], [`ErrorReply`], pushed [`Event`]s). `chatguard check` prints
+//! the same [`Verdict`] shape.
+
+use crate::behaviour::{Sanction, SenderInfo};
+use crate::text::Match;
+use serde::{Deserialize, Serialize};
+
+/// Longest request `id` accepted, in bytes; ids are echoed back, so they are bounded.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest `user`/`room`/`to`/`policy` value accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// A request from the IM server, tagged by `type`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Moderate one chat message.
+    Moderate(ModerateRequest),
+    /// Liveness check; answered with [`Pong`].
+    Ping {
+        /// Echoed back in the pong.
+        #[serde(default)]
+        id: Option<String>,
+    },
+}
+
+/// The `moderate` request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerateRequest {
+    /// Caller's message id; echoed in the verdict. Required, at most [`MAX_ID_BYTES`].
+    pub id: String,
+    /// Sender's user id; behaviour tracking is keyed by (tenant, user).
+    pub user: String,
+    /// Room/channel/group the message is posted in.
+    #[serde(default)]
+    pub room: Option<String>,
+    /// Target user of a direct message, if any.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Policy name; `default` when absent.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Message text; may be absent or empty when the message only carries images.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Attached images (base64). Accepted on the wire; moderated once the image stage exists.
+    #[serde(default)]
+    pub images: Vec<ImageRef>,
+}
+
+/// An image attached to a `moderate` request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// Caller's id for the image, echoed in `images[]` of the verdict.
+    pub id: String,
+    /// Base64 image bytes.
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+/// Minimal view of a frame used to address an error reply when full parsing fails.
+#[derive(Debug, Default, Deserialize)]
+pub struct Probe {
+    /// The request id, if it is a string.
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub id: Option<String>,
+    /// The request type, if it is a string.
+    #[serde(default, rename = "type", deserialize_with = "lenient_string")]
+    pub kind: Option<String>,
+}
+
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(match v {
+        serde_json::Value::String(s) if s.len() <= MAX_ID_BYTES => Some(s),
+        _ => None,
+    })
+}
+
+/// Final decision for a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Deliver the message.
+    Allow,
+    /// Deliver or hold for a human, per the IM server's rules.
+    Review,
+    /// Do not deliver.
+    Block,
+}
+
+impl Action {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Review => "review",
+            Action::Block => "block",
+        }
+    }
+}
+
+/// Where a label came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A wordlist match.
+    Lexicon,
+    /// A model score.
+    Model,
+    /// Sender behaviour (flood, active sanction).
+    Behaviour,
+    /// Perceptual-hash list.
+    Hashlist,
+}
+
+/// One label with its score.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelScore {
+    /// Taxonomy label: `abuse`, `hate`, `sexual`, `profanity`, `threat`, `self_harm`, `scam`,
+    /// `spam`, `sanction`.
+    pub label: &'static str,
+    /// Finer label (e.g. `insult`, `flood`), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// 0..1; lexicon scores come from entry severity.
+    pub score: f32,
+    /// Which stage produced it.
+    pub source: Source,
+}
+
+/// Per-image result in a verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageVerdict {
+    /// The caller's image id.
+    pub id: String,
+    /// Decision for this image.
+    pub action: Action,
+    /// Labels for this image.
+    pub labels: Vec<LabelScore>,
+    /// Why the image could not be judged, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `verdict` reply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// Always `"verdict"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request's id.
+    pub id: String,
+    /// Overall decision.
+    pub action: Action,
+    /// Top label, if any label fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<&'static str>,
+    /// Score of the top label (0 when none).
+    pub score: f32,
+    /// Every label that fired, strongest first.
+    pub labels: Vec<LabelScore>,
+    /// Wordlist matches. `start`/`end` are UTF-8 byte offsets into the original text,
+    /// `start_char`/`end_char` are char (Unicode scalar) offsets.
+    pub matches: Vec<Match>,
+    /// Per-image results.
+    pub images: Vec<ImageVerdict>,
+    /// The sender's state after this message.
+    pub sender: SenderInfo,
+    /// Stages that could not run (e.g. `text_model`); the verdict is still given.
+    pub degraded: Vec<&'static str>,
+    /// Time spent moderating, in microseconds.
+    pub took_us: u64,
+}
+
+/// The `pong` reply.
+#[derive(Debug, Serialize)]
+pub struct Pong {
+    /// Always `"pong"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The ping's id, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Error codes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request could not be parsed or is invalid.
+    BadRequest,
+    /// A field is over its limit.
+    TooLarge,
+    /// Too much in flight; retry later.
+    Overloaded,
+    /// Not allowed.
+    Unauthorized,
+    /// A bug or an unexpected failure on our side.
+    Internal,
+}
+
+/// The `error` reply.
+#[derive(Debug, Serialize)]
+pub struct ErrorReply {
+    /// Always `"error"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request's id, when it could be read.
+    pub id: Option<String>,
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// Builds an error reply.
+    pub fn new(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+        ErrorReply {
+            kind: "error",
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Events pushed to every connection of a tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A sender's sanction changed.
+    Sanction(Sanction),
+}
+
+/// Serializes a reply; our own types always serialize.
+pub fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        // Only reachable if a Serialize impl above fails, which none can (no maps with non-string
+        // keys, no custom serializers that error).
+        tracing::error!(error = %e, "failed to serialize a reply");
+        r#"{"type":"error","id":null,"code":"internal","message":"serialization failed"}"#
+            .to_string()
+    })
+}

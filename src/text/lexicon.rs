@@ -1,0 +1,769 @@
+//! # Keyword lexicon
+//!
+//! Takes the text of a message and gives back the wordlist [`Match`]es in it, located in the
+//! ORIGINAL text (byte and char offsets). Called by the moderator for every message; built once
+//! at startup from the wordlists compiled into the binary ([`Lexicon::embedded`]) or from a
+//! directory with the same layout ([`Lexicon::from_dir`]).
+//!
+//! How it matches: the text is folded by [`super::normalize`]; one aho-corasick automaton over
+//! the folded entries reports every (overlapping) occurrence; each occurrence is then checked
+//! against its entry's word-boundary rule (whole word unless the entry says `*`; unspaced
+//! scripts such as Chinese match anywhere) and run lengths (`fuuuck` matches `fuck`, `as`
+//! does not match `ass`). Occurrences inside an allowlist match (`cumulative`, `cocktail`) are
+//! dropped. The file format is documented in `wordlists/README.md`.
+
+use super::normalize::{MAX_TEXT_BYTES, Normalized, is_unspaced};
+use super::{Match, Severity};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// The wordlists compiled into the binary: path under `wordlists/` and contents.
+const EMBEDDED: &[(&str, &str)] = &[
+    ("en/profanity.txt", include_str!("../../wordlists/en/profanity.txt")),
+    ("en/insult.txt", include_str!("../../wordlists/en/insult.txt")),
+    ("en/sexual.txt", include_str!("../../wordlists/en/sexual.txt")),
+    ("en/hate.txt", include_str!("../../wordlists/en/hate.txt")),
+    ("en/threat.txt", include_str!("../../wordlists/en/threat.txt")),
+    ("en/self_harm.txt", include_str!("../../wordlists/en/self_harm.txt")),
+    ("en/scam.txt", include_str!("../../wordlists/en/scam.txt")),
+    ("en/allow.txt", include_str!("../../wordlists/en/allow.txt")),
+    ("zh/profanity.txt", include_str!("../../wordlists/zh/profanity.txt")),
+    ("zh/insult.txt", include_str!("../../wordlists/zh/insult.txt")),
+    ("zh/sexual.txt", include_str!("../../wordlists/zh/sexual.txt")),
+    ("zh/scam.txt", include_str!("../../wordlists/zh/scam.txt")),
+];
+
+/// The file stem (category) of allowlist files.
+const ALLOW: &str = "allow";
+
+/// Categories whose self-censored variants (`f*ck`) win when two entries give the same
+/// variant; the rest follow in name order.
+const PRIORITY: &[&str] = &[
+    "profanity",
+    "insult",
+    "sexual",
+    "hate",
+    "threat",
+    "self_harm",
+    "scam",
+];
+
+/// Why a lexicon could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LexiconError {
+    /// A bad line in a wordlist file.
+    #[error("{file}:{line}: {reason}")]
+    Entry {
+        /// The file (path under the wordlist directory, or `<extra>`).
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A wordlist file or directory could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The directory holds no `*.txt` wordlist.
+    #[error("no wordlist files (*.txt) in {0}")]
+    Empty(PathBuf),
+    /// A category name that is not `[a-z0-9_]+`.
+    #[error("bad category name {0:?} (use lowercase letters, digits and `_`)")]
+    Category(String),
+    /// The automaton could not be built (too large).
+    #[error("building the keyword automaton: {0}")]
+    Build(#[from] aho_corasick::BuildError),
+}
+
+/// The compiled wordlists. Cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct Lexicon {
+    /// Shared, immutable state.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One automaton over every pattern (entries, joined phrases, censored variants).
+    ac: AhoCorasick,
+    /// Per pattern id: the range of `cands` to check.
+    pattern_cands: Vec<(u32, u32)>,
+    /// Candidate entries per pattern, grouped by pattern.
+    cands: Vec<Cand>,
+    /// Every entry, allowlist ones included.
+    entries: Vec<Entry>,
+    /// The lines it was built from, to rebuild with extras.
+    sources: Vec<Source>,
+    /// Number of blocking (non-allowlist) entries.
+    blocking: usize,
+}
+
+/// One wordlist entry.
+struct Entry {
+    /// The folded entry without `*` markers, runs spelled out (`ass`, not `as`).
+    term: Arc<str>,
+    /// Its category (file stem).
+    category: Arc<str>,
+    /// Optional finer label.
+    sub: Option<Arc<str>>,
+    /// Its severity (meaningless for allowlist entries).
+    severity: Severity,
+    /// Whether it is an allowlist entry.
+    allow: bool,
+    /// Whether the match must start at a word start.
+    bound_start: bool,
+    /// Whether the match must end at a word end.
+    bound_end: bool,
+    /// Whether a match is widened to the start of its word (for masking).
+    extend_start: bool,
+    /// Whether a match is widened to the end of its word.
+    extend_end: bool,
+}
+
+/// One entry a pattern may stand for.
+struct Cand {
+    /// Index into `entries`.
+    entry: u32,
+    /// Minimum run length per char of the pattern; `None` when all are 1.
+    runs: Option<Box<[u8]>>,
+}
+
+/// One line of a wordlist file.
+#[derive(Clone)]
+struct Source {
+    /// File name for error messages.
+    file: Arc<str>,
+    /// 1-based line number.
+    line: usize,
+    /// The line.
+    text: Box<str>,
+    /// The category it belongs to.
+    category: Arc<str>,
+}
+
+/// Reusable buffers for [`Lexicon::scan_into`]; keep one per thread.
+#[derive(Default)]
+pub struct Scratch {
+    /// The folded message.
+    norm: Normalized,
+    /// Occurrences that passed the boundary and run checks: folded range and entry.
+    raw: Vec<(usize, usize, u32)>,
+    /// Folded ranges of allowlist matches.
+    allow: Vec<(usize, usize)>,
+}
+
+impl std::fmt::Debug for Lexicon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lexicon")
+            .field("entries", &self.inner.blocking)
+            .field("allow", &(self.inner.entries.len() - self.inner.blocking))
+            .field("patterns", &self.inner.pattern_cands.len())
+            .finish()
+    }
+}
+
+impl Lexicon {
+    /// The wordlists compiled into the binary (`wordlists/`). Built once per process and
+    /// shared.
+    pub fn embedded() -> Result<Lexicon, LexiconError> {
+        static EMBEDDED_LEXICON: OnceLock<Lexicon> = OnceLock::new();
+        if let Some(lex) = EMBEDDED_LEXICON.get() {
+            return Ok(lex.clone());
+        }
+        let mut sources = Vec::new();
+        for (path, contents) in EMBEDDED {
+            add_file(&mut sources, path, contents)?;
+        }
+        let lex = Lexicon::build(sources)?;
+        Ok(EMBEDDED_LEXICON.get_or_init(|| lex).clone())
+    }
+
+    /// Wordlists from a directory laid out like `wordlists/`: `LANG/CATEGORY.txt` (or
+    /// `CATEGORY.txt` at the top), `allow.txt` for allowlists. Other files are ignored.
+    pub fn from_dir(dir: &Path) -> Result<Lexicon, LexiconError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LexiconError::Io { path, source }
+        };
+        let mut files = Vec::new();
+        for entry in read_dir_sorted(dir).map_err(io(dir))? {
+            if entry.is_dir() {
+                for sub in read_dir_sorted(&entry).map_err(io(&entry))? {
+                    if is_wordlist(&sub) {
+                        files.push(sub);
+                    }
+                }
+            } else if is_wordlist(&entry) {
+                files.push(entry);
+            }
+        }
+        if files.is_empty() {
+            return Err(LexiconError::Empty(dir.to_path_buf()));
+        }
+        let mut sources = Vec::new();
+        for path in &files {
+            let contents = std::fs::read_to_string(path).map_err(io(path))?;
+            let name = path.strip_prefix(dir).unwrap_or(path).to_string_lossy();
+            add_file(&mut sources, &name.replace('\\', "/"), &contents)?;
+        }
+        Lexicon::build(sources)
+    }
+
+    /// This lexicon plus extra entries: `(line in file syntax, category)`; category `allow`
+    /// adds to the allowlist.
+    pub fn with_extra(&self, terms: &[(String, String)]) -> Result<Lexicon, LexiconError> {
+        let mut sources = self.inner.sources.clone();
+        let file: Arc<str> = Arc::from("<extra>");
+        for (i, (text, category)) in terms.iter().enumerate() {
+            check_category(category)?;
+            sources.push(Source {
+                file: file.clone(),
+                line: i + 1,
+                text: text.as_str().into(),
+                category: Arc::from(category.as_str()),
+            });
+        }
+        Lexicon::build(sources)
+    }
+
+    /// Number of blocking entries (allowlist entries and generated variants not counted).
+    pub fn len(&self) -> usize {
+        self.inner.blocking
+    }
+
+    /// Whether there are no blocking entries.
+    pub fn is_empty(&self) -> bool {
+        self.inner.blocking == 0
+    }
+
+    /// Number of allowlist entries.
+    pub fn allow_len(&self) -> usize {
+        self.inner.entries.len() - self.inner.blocking
+    }
+
+    /// Blocking entries per category, in name order.
+    pub fn categories(&self) -> Vec<(Arc<str>, usize)> {
+        let mut counts: Vec<(Arc<str>, usize)> = Vec::new();
+        for e in self.inner.entries.iter().filter(|e| !e.allow) {
+            match counts.iter_mut().find(|(c, _)| *c == e.category) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((e.category.clone(), 1)),
+            }
+        }
+        counts.sort();
+        counts
+    }
+
+    /// The matches in `text` (see [`Lexicon::scan_into`]).
+    pub fn scan(&self, text: &str) -> Vec<Match> {
+        let mut out = Vec::new();
+        self.scan_into(text, &mut Scratch::default(), &mut out);
+        out
+    }
+
+    /// Clears `out` and fills it with the matches in `text`, sorted by `start`; a match
+    /// covered by a longer (or equal, earlier-listed) match of the same category is left out.
+    /// Reuses `scratch`, so a warm call allocates nothing but the pushed matches.
+    pub fn scan_into(&self, text: &str, scratch: &mut Scratch, out: &mut Vec<Match>) {
+        out.clear();
+        let mut offset = 0;
+        while offset < text.len() {
+            let rest = &text[offset..];
+            let mut len = rest.len().min(MAX_TEXT_BYTES);
+            while !rest.is_char_boundary(len) {
+                len -= 1;
+            }
+            self.scan_chunk(&rest[..len], offset, scratch, out);
+            offset += len;
+        }
+        finish(text, out);
+    }
+
+    fn scan_chunk(&self, text: &str, offset: usize, scratch: &mut Scratch, out: &mut Vec<Match>) {
+        let inner = &*self.inner;
+        scratch.norm.set(text);
+        scratch.raw.clear();
+        scratch.allow.clear();
+        let norm = &scratch.norm;
+        let bytes = norm.as_str().as_bytes();
+        let runs = norm.runs();
+        let chains = norm.chains();
+        for m in inner.ac.find_overlapping_iter(bytes) {
+            let (s, e) = (m.start(), m.end());
+            let (from, to) = inner.pattern_cands[m.pattern().as_usize()];
+            for cand in &inner.cands[from as usize..to as usize] {
+                let entry = &inner.entries[cand.entry as usize];
+                if !bounds_ok(bytes, chains, s, e, entry) {
+                    continue;
+                }
+                if let Some(want) = &cand.runs
+                    && !runs_ok(bytes, runs, s, want)
+                {
+                    continue;
+                }
+                if entry.allow {
+                    scratch.allow.push((s, e));
+                } else {
+                    scratch.raw.push((s, e, cand.entry));
+                }
+            }
+        }
+        for &(s, e, idx) in &scratch.raw {
+            if scratch.allow.iter().any(|&(a, b)| a <= s && e <= b) {
+                continue;
+            }
+            let entry = &inner.entries[idx as usize];
+            let (mut s, mut e) = (s, e);
+            if entry.extend_start {
+                while s > 0 && bytes[s - 1] != b' ' {
+                    s -= 1;
+                }
+            }
+            if entry.extend_end {
+                while e < bytes.len() && bytes[e] != b' ' {
+                    e += 1;
+                }
+            }
+            let Some(range) = norm.original_range(s..e) else {
+                continue;
+            };
+            out.push(Match {
+                term: entry.term.clone(),
+                category: entry.category.clone(),
+                sub: entry.sub.clone(),
+                severity: entry.severity,
+                start: offset + range.start,
+                end: offset + range.end,
+                start_char: 0,
+                end_char: 0,
+            });
+        }
+    }
+
+    fn build(sources: Vec<Source>) -> Result<Lexicon, LexiconError> {
+        let mut b = Build::default();
+        let mut variants = Vec::new();
+        let mut seen: HashMap<(Arc<str>, String), usize> = HashMap::new();
+        for src in &sources {
+            let err = |reason: String| LexiconError::Entry {
+                file: src.file.to_string(),
+                line: src.line,
+                reason,
+            };
+            let allow = &*src.category == ALLOW;
+            let Some(spec) = parse_line(&src.text, allow).map_err(err)? else {
+                continue;
+            };
+            let norm = Normalized::of(spec.term);
+            let folded = norm.as_str();
+            if folded.is_empty() {
+                return Err(err(format!("{:?} has no letters or digits", spec.term)));
+            }
+            let key = format!(
+                "{}{folded}{}",
+                if spec.star_start { "*" } else { "" },
+                if spec.star_end { "*" } else { "" }
+            );
+            if let Some(first) = seen.insert((src.category.clone(), key), src.line) {
+                return Err(err(format!(
+                    "{:?} duplicates line {first} of this category (after folding)",
+                    spec.term
+                )));
+            }
+            let chars: Vec<(char, u8)> = char_runs(&norm);
+            let first_unspaced = chars.first().is_some_and(|&(c, _)| is_unspaced(c));
+            let last_unspaced = chars.last().is_some_and(|&(c, _)| is_unspaced(c));
+            let entry = u32::try_from(b.entries.len()).map_err(|_| err("too many entries".into()))?;
+            let term: String = chars
+                .iter()
+                .flat_map(|&(c, r)| std::iter::repeat_n(c, usize::from(r.max(1))))
+                .collect();
+            b.entries.push(Entry {
+                term: Arc::from(term),
+                category: src.category.clone(),
+                sub: spec.sub.map(Arc::from),
+                severity: spec.severity,
+                allow,
+                bound_start: !spec.star_start && !first_unspaced,
+                bound_end: !spec.star_end && !last_unspaced,
+                extend_start: spec.star_start && !first_unspaced,
+                extend_end: spec.star_end && !last_unspaced,
+            });
+            b.add(&chars, entry, true);
+            let unspaced = chars.iter().any(|&(c, _)| is_unspaced(c));
+            if chars.iter().any(|&(c, _)| c == ' ') && !unspaced {
+                // "kill yourself" also as "killyourself".
+                let mut joined: Vec<(char, u8)> = Vec::with_capacity(chars.len());
+                for &(c, r) in chars.iter().filter(|&&(c, _)| c != ' ') {
+                    match joined.last_mut() {
+                        Some((l, lr)) if *l == c && !c.is_ascii_digit() => {
+                            *lr = lr.saturating_add(r);
+                        }
+                        _ => joined.push((c, r)),
+                    }
+                }
+                b.add(&joined, entry, true);
+            }
+            if !allow
+                && chars.len() >= 4
+                && chars.iter().all(|&(c, _)| c.is_ascii_lowercase())
+            {
+                let rank = PRIORITY
+                    .iter()
+                    .position(|p| **p == *src.category)
+                    .unwrap_or(PRIORITY.len());
+                variants.push((rank, src.category.clone(), entry, chars));
+            }
+        }
+        // Self-censored variants: one or two inner letters (or, for short words, all inner
+        // letters) replaced by `*`. A variant never takes a pattern some entry already has.
+        variants.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, _, entry, chars) in &variants {
+            let n = chars.len();
+            for from in 1..n - 1 {
+                for to in from + 1..n {
+                    let width = to - from;
+                    if width > 2 && !(from == 1 && to == n - 1 && n <= 6) {
+                        continue;
+                    }
+                    let stars = chars[from..to]
+                        .iter()
+                        .fold(0u8, |acc, &(_, r)| acc.saturating_add(r));
+                    let mut v = Vec::with_capacity(n);
+                    v.extend_from_slice(&chars[..from]);
+                    v.push(('*', stars));
+                    v.extend_from_slice(&chars[to..]);
+                    b.add(&v, *entry, false);
+                }
+            }
+        }
+        let blocking = b.entries.iter().filter(|e| !e.allow).count();
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(&b.patterns)?;
+        let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
+        let mut cands = Vec::new();
+        for list in b.pattern_cands {
+            let from = cands.len() as u32;
+            cands.extend(list);
+            pattern_cands.push((from, cands.len() as u32));
+        }
+        Ok(Lexicon {
+            inner: Arc::new(Inner {
+                ac,
+                pattern_cands,
+                cands,
+                entries: b.entries,
+                sources,
+                blocking,
+            }),
+        })
+    }
+}
+
+/// The lexicon under construction.
+#[derive(Default)]
+struct Build {
+    /// Entries so far.
+    entries: Vec<Entry>,
+    /// Pattern bytes by pattern id.
+    patterns: Vec<String>,
+    /// Pattern id by pattern bytes.
+    ids: HashMap<String, usize>,
+    /// Candidates per pattern id.
+    pattern_cands: Vec<Vec<Cand>>,
+}
+
+impl Build {
+    /// Adds the pattern spelled by `chars` (char, minimum run) for `entry`. A variant
+    /// (`exact == false`) is skipped when the pattern exists already.
+    fn add(&mut self, chars: &[(char, u8)], entry: u32, exact: bool) {
+        let text: String = chars.iter().map(|&(c, _)| c).collect();
+        let runs = if chars.iter().all(|&(_, r)| r <= 1) {
+            None
+        } else {
+            Some(chars.iter().map(|&(_, r)| r).collect())
+        };
+        let cand = Cand { entry, runs };
+        match self.ids.get(&text) {
+            Some(&id) if exact => {
+                if !self.pattern_cands[id].iter().any(|c| c.entry == entry) {
+                    self.pattern_cands[id].push(cand);
+                }
+            }
+            Some(_) => {}
+            None => {
+                self.ids.insert(text.clone(), self.patterns.len());
+                self.patterns.push(text);
+                self.pattern_cands.push(vec![cand]);
+            }
+        }
+    }
+}
+
+/// Folded chars with their run lengths.
+fn char_runs(norm: &Normalized) -> Vec<(char, u8)> {
+    let runs = norm.runs();
+    norm.as_str()
+        .char_indices()
+        .map(|(i, c)| (c, runs[i]))
+        .collect()
+}
+
+/// Whether an occurrence at folded `s..e` satisfies the entry's word-boundary rule. Inside a
+/// joined chain (`u r a b i t c h` → `urabitch`) a word may end anywhere, and may start after
+/// one-letter chat words (`a`, `i`, `u`, `r`, `y`) only, so a spaced-out `c l a s s` does not
+/// hit `ass`.
+fn bounds_ok(bytes: &[u8], chains: &[(u32, u32)], s: usize, e: usize, entry: &Entry) -> bool {
+    let start_ok = !entry.bound_start || s == 0 || bytes[s - 1] == b' ';
+    let end_ok = !entry.bound_end || e == bytes.len() || bytes[e] == b' ';
+    if start_ok && end_ok {
+        return true;
+    }
+    chains.iter().any(|&(cs, ce)| {
+        let (cs, ce) = (cs as usize, ce as usize);
+        cs <= s
+            && e <= ce
+            && (start_ok || bytes[cs..s].iter().all(|b| b"aiury".contains(b)))
+            && (end_ok || e < ce)
+    })
+}
+
+/// Whether every char of the occurrence at folded offset `s` stands for at least as many
+/// letters as the entry's spelling demands.
+fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8]) -> bool {
+    let mut i = s;
+    for &w in want {
+        if i >= runs.len() || runs[i] < w {
+            return false;
+        }
+        i += match bytes[i] {
+            0x00..=0x7f => 1,
+            0x80..=0xdf => 2,
+            0xe0..=0xef => 3,
+            _ => 4,
+        };
+    }
+    true
+}
+
+/// Sorts, removes covered same-category duplicates and fills in char offsets.
+fn finish(text: &str, out: &mut Vec<Match>) {
+    if out.is_empty() {
+        return;
+    }
+    out.sort_by(|a, b| {
+        a.start
+            .cmp(&b.start)
+            .then(b.end.cmp(&a.end))
+            .then_with(|| a.category.cmp(&b.category))
+            .then(b.term.len().cmp(&a.term.len()))
+            .then_with(|| a.term.cmp(&b.term))
+    });
+    let mut reach: Vec<(Arc<str>, usize)> = Vec::new();
+    out.retain(|m| match reach.iter_mut().find(|(c, _)| *c == m.category) {
+        Some((_, end)) if *end >= m.end => false,
+        Some((_, end)) => {
+            *end = m.end;
+            true
+        }
+        None => {
+            reach.push((m.category.clone(), m.end));
+            true
+        }
+    });
+    let (mut byte, mut chars) = (0, 0);
+    for m in out.iter_mut() {
+        chars += text[byte..m.start].chars().count();
+        byte = m.start;
+        m.start_char = chars;
+        m.end_char = chars + text[m.start..m.end].chars().count();
+    }
+}
+
+/// A parsed entry line.
+struct Spec<'a> {
+    /// The term without `*` markers.
+    term: &'a str,
+    /// Leading `*`: may start inside a word.
+    star_start: bool,
+    /// Trailing `*`: may end inside a word.
+    star_end: bool,
+    /// Severity (`medium` for allowlist lines, which have none).
+    severity: Severity,
+    /// Optional finer label.
+    sub: Option<&'a str>,
+}
+
+/// Parses one line: `TERM | SEVERITY [| SUB]` (allowlist: `TERM`). `Ok(None)` for blank and
+/// comment lines.
+fn parse_line(line: &str, allow: bool) -> Result<Option<Spec<'_>>, String> {
+    let line = match line.find(" #").or_else(|| line.find("\t#")) {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let mut fields = line.split('|').map(str::trim);
+    let raw = fields.next().unwrap_or_default();
+    let star_start = raw.starts_with('*');
+    let star_end = raw.len() > 1 && raw.ends_with('*');
+    let term = raw
+        .strip_prefix('*')
+        .unwrap_or(raw)
+        .strip_suffix('*')
+        .unwrap_or(raw.strip_prefix('*').unwrap_or(raw))
+        .trim();
+    if term.is_empty() {
+        return Err("empty term".into());
+    }
+    if term.contains('*') {
+        return Err(format!(
+            "{raw:?}: `*` is only allowed at the start or end of a term"
+        ));
+    }
+    let severity = fields.next();
+    let sub = fields.next();
+    if let Some(extra) = fields.next() {
+        return Err(format!("unexpected field {extra:?} (TERM | SEVERITY | SUB)"));
+    }
+    if allow {
+        if severity.is_some() {
+            return Err("allowlist lines hold only a term".into());
+        }
+        return Ok(Some(Spec {
+            term,
+            star_start,
+            star_end,
+            severity: Severity::Medium,
+            sub: None,
+        }));
+    }
+    let severity = match severity {
+        Some("low") => Severity::Low,
+        Some("medium") => Severity::Medium,
+        Some("high") => Severity::High,
+        Some(other) => {
+            return Err(format!(
+                "severity {other:?} is not one of low, medium, high"
+            ));
+        }
+        None => return Err(format!("{term:?} has no severity (TERM | low|medium|high)")),
+    };
+    let sub = match sub {
+        None | Some("") => None,
+        Some(s) if is_name(s) => Some(s),
+        Some(s) => return Err(format!("sub {s:?} must be lowercase letters, digits, `_`")),
+    };
+    Ok(Some(Spec {
+        term,
+        star_start,
+        star_end,
+        severity,
+        sub,
+    }))
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn check_category(category: &str) -> Result<(), LexiconError> {
+    if is_name(category) {
+        Ok(())
+    } else {
+        Err(LexiconError::Category(category.to_string()))
+    }
+}
+
+/// Adds the lines of wordlist file `path` (relative, `/`-separated) to `sources`.
+fn add_file(sources: &mut Vec<Source>, path: &str, contents: &str) -> Result<(), LexiconError> {
+    let stem = path
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
+        .trim_end_matches(".txt");
+    check_category(stem)?;
+    let file: Arc<str> = Arc::from(path);
+    let category: Arc<str> = Arc::from(stem);
+    for (i, line) in contents.lines().enumerate() {
+        sources.push(Source {
+            file: file.clone(),
+            line: i + 1,
+            text: line.into(),
+            category: category.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn read_dir_sorted(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    paths.sort();
+    Ok(paths)
+}
+
+fn is_wordlist(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "txt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lex(lines: &[(&str, &str)]) -> Lexicon {
+        let mut sources = Vec::new();
+        for (cat, text) in lines {
+            add_file(&mut sources, &format!("{cat}.txt"), text).unwrap();
+        }
+        Lexicon::build(sources).unwrap()
+    }
+
+    #[test]
+    fn parse_errors_name_file_and_line() {
+        let mut sources = Vec::new();
+        add_file(&mut sources, "en/profanity.txt", "# c\nfuck | high\nshit | bad\n").unwrap();
+        let err = Lexicon::build(sources).unwrap_err().to_string();
+        assert!(err.starts_with("en/profanity.txt:3:"), "{err}");
+        let mut sources = Vec::new();
+        add_file(&mut sources, "x.txt", "f*ck | high\n").unwrap();
+        assert!(Lexicon::build(sources).is_err());
+        let mut sources = Vec::new();
+        add_file(&mut sources, "x.txt", "fuck | high\nFUCK | low\n").unwrap();
+        assert!(Lexicon::build(sources).unwrap_err().to_string().contains("duplicates line 1"));
+    }
+
+    #[test]
+    fn boundaries_runs_allow() {
+        let l = lex(&[
+            ("profanity", "ass | medium\nfuck* | high\ncum* | medium\n"),
+            ("allow", "cumulative\n"),
+            ("threat", "kill yourself | high\n"),
+        ]);
+        let terms = |t: &str| l.scan(t).iter().map(|m| m.term.to_string()).collect::<Vec<_>>();
+        assert_eq!(terms("assassin class as"), Vec::<String>::new());
+        assert_eq!(terms("asssss"), ["ass"]);
+        assert_eq!(terms("fuuuucking"), ["fuck"]);
+        assert_eq!(terms("cumulative cumming"), ["cum"]);
+        assert_eq!(terms("go kill   your-self"), Vec::<String>::new());
+        assert_eq!(terms("go kill   yourself"), ["kill yourself"]);
+        assert_eq!(terms("#killyourself"), ["kill yourself"]);
+        assert_eq!(terms("f**k"), ["fuck"]);
+        let m = &l.scan("so f.u.c.k.i.n.g bad")[0];
+        assert_eq!((m.start, m.end), (3, 16));
+    }
+}

@@ -1,0 +1,789 @@
+//! # Text normalization
+//!
+//! Takes the raw `text` of a message and gives back a [`Normalized`] form: one lowercase,
+//! folded spelling with an offset map back to the ORIGINAL bytes. Called by
+//! [`super::lexicon::Lexicon`] (which matches wordlists against the folded form) and, through
+//! [`normalize`], by whoever needs a spelling-insensitive duplicate-message key.
+//!
+//! What is folded, char by char:
+//! - NFKC compatibility forms (fullwidth `ｆ`, math `𝐟`, circled `ⓕ`, ligatures, superscripts),
+//!   decomposed per char with the combining marks dropped (diacritics and zalgo).
+//! - Case (`to_lowercase`, plus `ß → ss`).
+//! - Zero-width chars, bidi controls, variation selectors, tag chars: dropped.
+//! - Letters that have no compatibility mapping but look Latin: regional indicators, negative
+//!   squared/circled letters, parenthesized letters, small capitals (always folded), and
+//!   Cyrillic/Greek/Armenian look-alikes (folded only in a token that also holds a Latin
+//!   letter or consists only of look-alikes, so real Russian or Greek words stay as they are).
+//!
+//! Then token by token (a token is a run of letters, digits and in-word symbols between
+//! whitespace/punctuation):
+//! - Leetspeak (`0→o 1→i 3→e 4→a 5→s 7→t 8→b 9→g @→a $→s`) only in tokens that hold a
+//!   letter, so `2024` and `call me at 10` keep their digits; `! | +` (→ `i i t`) and the
+//!   self-censoring marks `* # % ? ^` (→ `*`) only between two alphanumerics (`sh!t`, `f*ck`);
+//!   apostrophes vanish (`don't → dont`).
+//! - Runs of the same letter collapse to one char; the run length is kept per char so the
+//!   lexicon can demand "at least as many as the entry" (`fuuuck` matches `fuck`, but `as` does
+//!   not match `ass`).
+//! - Single-letter tokens separated by at most three separator chars on one line are joined
+//!   into a *chain* (`f.u.c.k`, `f u c k`, `f_u_c_k` → `fuck`); chains are recorded so the
+//!   lexicon can allow word boundaries inside them.
+//! - Scripts written without spaces (Han, kana, Hangul, Thai...) are joined across short
+//!   separators (`傻 逼 → 傻逼`) and split from Latin text by a space.
+//!
+//! Tokens are joined by exactly one ASCII space; the folded text has no leading or trailing
+//! space.
+
+use std::ops::Range;
+use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+
+/// Longest text normalized in one go: offsets are kept as `u32`. Longer input is cut at a char
+/// boundary; [`super::lexicon::Lexicon`] scans longer input in chunks.
+pub const MAX_TEXT_BYTES: usize = (u32::MAX - 1) as usize;
+
+/// Longest separator gap (in chars) across which single letters join into a chain and
+/// unspaced scripts join up.
+const MAX_JOIN_GAP: u32 = 3;
+
+/// The folded form of a text and the map back to the original.
+///
+/// Reuse one value across messages ([`Normalized::set`]) to avoid allocation.
+#[derive(Debug, Default, Clone)]
+pub struct Normalized {
+    /// The folded text (see the module docs).
+    text: String,
+    /// For each byte of `text`: byte offset in the original where the char it belongs to
+    /// starts (always a char boundary of the original).
+    starts: Vec<u32>,
+    /// For each byte of `text`: byte offset in the original one past the end of the char (or
+    /// run of chars) it belongs to, including dropped marks that followed it.
+    ends: Vec<u32>,
+    /// For each byte of `text`: how many original letters the char stands for (saturating).
+    runs: Vec<u8>,
+    /// Byte ranges of `text` that are joined single-letter chains (`f.u.c.k`).
+    chains: Vec<(u32, u32)>,
+    /// Scratch: the units of the token being read.
+    units: Vec<Unit>,
+    /// Scratch: lone letters waiting to be joined into a chain or emitted as words.
+    letters: Vec<Letter>,
+}
+
+/// A token that folded to one letter, waiting for its neighbours.
+#[derive(Debug, Clone, Copy)]
+struct Letter {
+    /// The folded letter.
+    ch: char,
+    /// Byte offset in the original where it starts.
+    start: u32,
+    /// Byte offset in the original one past its end.
+    end: u32,
+    /// The gap before it: first separator char and length.
+    gap: (char, u8),
+    /// Whether it joins the letter before it.
+    join: bool,
+}
+
+/// What a char does in a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Whitespace: ends a token.
+    Space,
+    /// A line break: ends a token and prevents chain joining across it.
+    Newline,
+    /// Punctuation, emoji, other symbols: ends a token.
+    Punct,
+    /// Invisible: dropped, its bytes are attached to the previous char of the token.
+    Drop,
+    /// A letter (`ch` is lowercase; `alt` is the Latin look-alike or `\0`).
+    Letter,
+    /// An ASCII digit (`alt` is the leetspeak letter or the digit itself).
+    Digit,
+    /// `@`, `$`...: the leet letter `alt` anywhere in a token with letters.
+    LeetAny,
+    /// `!`, `|`, `+`: the leet letter `alt` only between two alphanumerics.
+    LeetInner,
+    /// `*`, `#`...: a self-censoring mark (`*`) only between two alphanumerics.
+    Censor,
+    /// An apostrophe: part of the token, emits nothing.
+    Joiner,
+}
+
+/// One char (or one char of a decomposition) of the token being read.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    /// Byte offset in the original where it starts.
+    start: u32,
+    /// Byte offset in the original one past its end (grows over dropped marks).
+    end: u32,
+    /// The folded char; after token analysis, the char to emit or `\0` for nothing.
+    ch: char,
+    /// Leet letter, look-alike letter, or `\0` (see [`Kind`]).
+    alt: char,
+    /// What it does in the token.
+    kind: Kind,
+}
+
+/// Per ASCII byte: what it does and its folded char and leet/alternative char.
+#[derive(Clone, Copy)]
+struct AsciiClass {
+    kind: Kind,
+    ch: u8,
+    alt: u8,
+}
+
+const fn ascii_class(b: u8) -> AsciiClass {
+    let (kind, ch, alt) = match b {
+        b'\n' | 0x0b | 0x0c | b'\r' => (Kind::Newline, b' ', 0),
+        b' ' | b'\t' => (Kind::Space, b' ', 0),
+        0..=0x1f | 0x7f => (Kind::Drop, 0, 0),
+        b'a'..=b'z' => (Kind::Letter, b, 0),
+        b'A'..=b'Z' => (Kind::Letter, b + 32, 0),
+        b'0' => (Kind::Digit, b, b'o'),
+        b'1' => (Kind::Digit, b, b'i'),
+        b'3' => (Kind::Digit, b, b'e'),
+        b'4' => (Kind::Digit, b, b'a'),
+        b'5' => (Kind::Digit, b, b's'),
+        b'7' => (Kind::Digit, b, b't'),
+        b'8' => (Kind::Digit, b, b'b'),
+        b'9' => (Kind::Digit, b, b'g'),
+        b'2' | b'6' => (Kind::Digit, b, b),
+        b'@' => (Kind::LeetAny, 0, b'a'),
+        b'$' => (Kind::LeetAny, 0, b's'),
+        b'!' | b'|' => (Kind::LeetInner, 0, b'i'),
+        b'+' => (Kind::LeetInner, 0, b't'),
+        b'*' | b'#' | b'%' | b'?' | b'^' => (Kind::Censor, 0, b'*'),
+        b'\'' | b'`' => (Kind::Joiner, 0, 0),
+        _ => (Kind::Punct, 0, 0),
+    };
+    AsciiClass { kind, ch, alt }
+}
+
+static ASCII: [AsciiClass; 128] = {
+    let mut t = [AsciiClass {
+        kind: Kind::Punct,
+        ch: 0,
+        alt: 0,
+    }; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = ascii_class(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Chars that render as nothing (or only decorate their neighbour): zero-width chars, bidi
+/// controls, variation selectors, tag chars, fillers, and every combining mark.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+        || is_combining_mark(c)
+}
+
+/// Scripts written without spaces between words: Han, kana, Hangul, Bopomofo, Thai, Lao,
+/// Khmer, Myanmar. Wordlist entries in them match as substrings.
+pub fn is_unspaced(c: char) -> bool {
+    matches!(c,
+        '\u{0E00}'..='\u{0EFF}' | '\u{1000}'..='\u{109F}' | '\u{1100}'..='\u{11FF}'
+        | '\u{1780}'..='\u{17FF}' | '\u{2E80}'..='\u{2FDF}' | '\u{3005}'..='\u{3007}'
+        | '\u{3040}'..='\u{31FF}' | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}'
+        | '\u{A960}'..='\u{A97F}' | '\u{AC00}'..='\u{D7FF}' | '\u{F900}'..='\u{FAFF}'
+        | '\u{FF66}'..='\u{FFDC}' | '\u{20000}'..='\u{3FFFF}')
+}
+
+/// Unspaced-script chars that need no compatibility decomposition (most Han, Hangul
+/// syllables, kana): kept as they are, which also keeps Hangul out of jamo.
+fn is_plain_unspaced(c: char) -> bool {
+    matches!(c,
+        '\u{3040}'..='\u{30FF}' | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}'
+        | '\u{AC00}'..='\u{D7A3}' | '\u{20000}'..='\u{2F7FF}' | '\u{30000}'..='\u{3FFFF}')
+}
+
+fn is_apostrophe(c: char) -> bool {
+    matches!(c, '\u{2018}' | '\u{2019}' | '\u{201B}' | '\u{2032}' | '\u{02BC}' | '\u{FF07}')
+}
+
+fn is_newline(c: char) -> bool {
+    matches!(c, '\u{0085}' | '\u{2028}' | '\u{2029}')
+}
+
+/// Letters folded to ASCII unconditionally: they are Latin letters in disguise with no
+/// compatibility decomposition.
+fn fold_special(c: char) -> Option<u8> {
+    let cp = c as u32;
+    let offset = |base: u32| Some(b'a' + (cp - base) as u8);
+    match cp {
+        // Regional indicator symbols 🇦..🇿.
+        0x1F1E6..=0x1F1FF => offset(0x1F1E6),
+        // Negative circled 🅐..🅩 and negative squared 🅰..🆉.
+        0x1F150..=0x1F169 => offset(0x1F150),
+        0x1F170..=0x1F189 => offset(0x1F170),
+        // Parenthesized ⒜..⒵ (NFKC would give "(a)").
+        0x249C..=0x24B5 => offset(0x249C),
+        _ => match c {
+            'ᴀ' | 'ɑ' | 'ᴬ' => Some(b'a'),
+            'ʙ' => Some(b'b'),
+            'ᴄ' => Some(b'c'),
+            'ᴅ' => Some(b'd'),
+            'ᴇ' => Some(b'e'),
+            'ꜰ' => Some(b'f'),
+            'ɢ' | 'ɡ' => Some(b'g'),
+            'ʜ' => Some(b'h'),
+            'ɪ' | 'ı' | 'ɩ' => Some(b'i'),
+            'ᴊ' | 'ȷ' => Some(b'j'),
+            'ᴋ' => Some(b'k'),
+            'ʟ' => Some(b'l'),
+            'ᴍ' => Some(b'm'),
+            'ɴ' => Some(b'n'),
+            'ᴏ' => Some(b'o'),
+            'ᴘ' => Some(b'p'),
+            'ʀ' => Some(b'r'),
+            'ꜱ' => Some(b's'),
+            'ᴛ' => Some(b't'),
+            'ᴜ' => Some(b'u'),
+            'ᴠ' => Some(b'v'),
+            'ᴡ' => Some(b'w'),
+            'ʏ' => Some(b'y'),
+            'ᴢ' => Some(b'z'),
+            _ => None,
+        },
+    }
+}
+
+/// Cyrillic, Greek and Armenian letters that look like a Latin letter (uppercase forms are
+/// listed where they look different from the lowercase one).
+fn confusable(c: char) -> Option<u8> {
+    let a = match c {
+        'А' | 'а' | 'Α' | 'α' => b'a',
+        'В' | 'в' | 'Β' | 'β' | 'ь' | 'Ь' => b'b',
+        'С' | 'с' | 'ς' | 'Ϲ' | 'ϲ' => b'c',
+        'ԁ' => b'd',
+        'Е' | 'е' | 'Ё' | 'ё' | 'Ε' | 'ε' => b'e',
+        'ɡ' | 'ց' => b'g',
+        'Н' | 'н' | 'Η' | 'һ' | 'հ' => b'h',
+        'І' | 'і' | 'Ї' | 'ї' | 'Ι' | 'ι' | 'ӏ' | 'Ӏ' => b'i',
+        'Ј' | 'ј' => b'j',
+        'К' | 'к' | 'Κ' | 'κ' => b'k',
+        'М' | 'м' | 'Μ' => b'm',
+        'Ν' | 'η' | 'п' | 'ո' => b'n',
+        'О' | 'о' | 'Ο' | 'ο' | 'օ' => b'o',
+        'Р' | 'р' | 'Ρ' | 'ρ' => b'p',
+        'ԛ' => b'q',
+        'Ѕ' | 'ѕ' => b's',
+        'Т' | 'т' | 'Τ' | 'τ' => b't',
+        'υ' | 'μ' | 'ս' => b'u',
+        'ν' => b'v',
+        'ԝ' | 'ω' => b'w',
+        'Х' | 'х' | 'Χ' | 'χ' => b'x',
+        'У' | 'у' | 'Υ' | 'γ' | 'Ү' | 'ү' => b'y',
+        'Ζ' => b'z',
+        _ => return None,
+    };
+    Some(a)
+}
+
+/// Non-ASCII symbols used as letters (after compatibility decomposition).
+fn leet_symbol(c: char) -> Option<u8> {
+    match c {
+        '€' => Some(b'e'),
+        '¢' | '©' => Some(b'c'),
+        '£' => Some(b'l'),
+        '§' => Some(b's'),
+        '®' => Some(b'r'),
+        '¥' => Some(b'y'),
+        _ => None,
+    }
+}
+
+impl Normalized {
+    /// An empty value to [`set`](Self::set) later.
+    pub fn new() -> Normalized {
+        Normalized::default()
+    }
+
+    /// Normalizes `text` into a new value.
+    pub fn of(text: &str) -> Normalized {
+        let mut n = Normalized::new();
+        n.set(text);
+        n
+    }
+
+    /// Normalizes `text` into `self`, reusing its buffers. Text longer than
+    /// [`MAX_TEXT_BYTES`] is cut at a char boundary.
+    pub fn set(&mut self, text: &str) {
+        self.text.clear();
+        self.starts.clear();
+        self.ends.clear();
+        self.runs.clear();
+        self.chains.clear();
+        self.units.clear();
+        let text = clip(text, MAX_TEXT_BYTES);
+        self.text.reserve(text.len());
+        self.starts.reserve(text.len());
+        self.ends.reserve(text.len());
+        self.runs.reserve(text.len());
+        self.letters.clear();
+        let mut b = Builder {
+            n: self,
+            gap: 0,
+            gap_first: '\0',
+            gap_newline: false,
+            last_unspaced: false,
+            last_char: None,
+        };
+        b.run(text);
+    }
+
+    /// The folded text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Length of the folded text in bytes.
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Whether the folded text is empty (the input had no letters or digits).
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// The byte range of the original text that the folded byte range `norm` came from
+    /// (char boundaries of the original), or `None` if `norm` is empty or out of bounds.
+    pub fn original_range(&self, norm: Range<usize>) -> Option<Range<usize>> {
+        if norm.start >= norm.end || norm.end > self.text.len() {
+            return None;
+        }
+        Some(self.starts[norm.start] as usize..self.ends[norm.end - 1] as usize)
+    }
+
+    /// Per folded byte: how many original letters its char stands for (runs collapse).
+    pub fn runs(&self) -> &[u8] {
+        &self.runs
+    }
+
+    /// Byte ranges of the folded text that are joined single-letter chains (`f.u.c.k`);
+    /// word boundaries may fall anywhere inside one.
+    pub fn chains(&self) -> &[(u32, u32)] {
+        &self.chains
+    }
+}
+
+/// `text` cut to at most `max` bytes at a char boundary.
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The folded form of `text` (see the module docs): the key to compare messages by, so that
+/// `F.U.C.K`, `ｆｕｃｋ` and `fuuuck` give the same key.
+pub fn normalize(text: &str) -> String {
+    let mut n = Normalized::new();
+    n.set(text);
+    n.text
+}
+
+/// The normalizer's state while it walks one text.
+struct Builder<'a> {
+    /// Output (and the token and pending-letter buffers).
+    n: &'a mut Normalized,
+    /// Separator chars since the last token.
+    gap: u32,
+    /// The first separator char of that gap (`\0` before any).
+    gap_first: char,
+    /// Whether that gap holds a line break.
+    gap_newline: bool,
+    /// Whether the last emitted char is of an unspaced script.
+    last_unspaced: bool,
+    /// The last emitted char, if nothing (no space) has been emitted after it.
+    last_char: Option<char>,
+}
+
+impl Builder<'_> {
+    fn run(&mut self, text: &str) {
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b < 0x80 {
+                let pos = i as u32;
+                self.ascii(b, pos, pos + 1);
+                i += 1;
+            } else {
+                let Some(c) = text[i..].chars().next() else {
+                    break;
+                };
+                let end = i + c.len_utf8();
+                self.non_ascii(c, i as u32, end as u32);
+                i = end;
+            }
+        }
+        self.end_token();
+        self.flush_letters();
+    }
+
+    fn ascii(&mut self, b: u8, start: u32, end: u32) {
+        let class = ASCII[usize::from(b & 0x7f)];
+        match class.kind {
+            Kind::Space | Kind::Punct => self.separator(char::from(b), false),
+            Kind::Newline => self.separator('\n', true),
+            Kind::Drop => self.attach(end),
+            kind => self.n.units.push(Unit {
+                start,
+                end,
+                ch: char::from(class.ch),
+                alt: char::from(class.alt),
+                kind,
+            }),
+        }
+    }
+
+    fn non_ascii(&mut self, c: char, start: u32, end: u32) {
+        if is_plain_unspaced(c) {
+            self.letter(c, '\0', start, end);
+        } else if is_invisible(c) {
+            self.attach(end);
+        } else if let Some(a) = fold_special(c) {
+            self.letter(char::from(a), '\0', start, end);
+        } else if is_apostrophe(c) {
+            self.push(Kind::Joiner, '\0', '\0', start, end);
+        } else if is_newline(c) {
+            self.separator('\n', true);
+        } else if c.is_whitespace() {
+            self.separator(' ', false);
+        } else {
+            // Compatibility decomposition: at most 18 chars (U+FDFA).
+            let mut buf = ['\0'; 18];
+            let mut len = 0;
+            decompose_compatible(c, |d| {
+                if len < buf.len() {
+                    buf[len] = d;
+                    len += 1;
+                }
+            });
+            for &d in &buf[..len] {
+                self.decomposed(d, start, end);
+            }
+        }
+    }
+
+    /// One char of a compatibility decomposition of the original char at `start..end`.
+    fn decomposed(&mut self, d: char, start: u32, end: u32) {
+        if d.is_ascii() {
+            self.ascii(d as u8, start, end);
+        } else if is_invisible(d) {
+            self.attach(end);
+        } else if let Some(a) = fold_special(d) {
+            self.letter(char::from(a), '\0', start, end);
+        } else if d.is_alphanumeric() {
+            let upper = confusable(d);
+            for l in d.to_lowercase() {
+                if l.is_ascii() {
+                    self.letter(l, '\0', start, end);
+                } else if l == 'ß' {
+                    self.letter('s', '\0', start, end);
+                    self.letter('s', '\0', start, end);
+                } else if is_invisible(l) {
+                    self.attach(end);
+                } else {
+                    let alt = upper.or_else(|| confusable(l)).map_or('\0', char::from);
+                    self.letter(l, alt, start, end);
+                }
+            }
+        } else if let Some(a) = leet_symbol(d) {
+            self.push(Kind::LeetAny, '\0', char::from(a), start, end);
+        } else if is_apostrophe(d) {
+            self.push(Kind::Joiner, '\0', '\0', start, end);
+        } else if is_newline(d) {
+            self.separator('\n', true);
+        } else {
+            // Whitespace, punctuation, emoji, other symbols.
+            self.separator(d, false);
+        }
+    }
+
+    fn letter(&mut self, ch: char, alt: char, start: u32, end: u32) {
+        self.push(Kind::Letter, ch, alt, start, end);
+    }
+
+    fn push(&mut self, kind: Kind, ch: char, alt: char, start: u32, end: u32) {
+        self.n.units.push(Unit {
+            start,
+            end,
+            ch,
+            alt,
+            kind,
+        });
+    }
+
+    /// An invisible char ending at `end`: it belongs to the char before it in the token.
+    fn attach(&mut self, end: u32) {
+        if let Some(u) = self.n.units.last_mut() {
+            u.end = end;
+        }
+    }
+
+    fn separator(&mut self, c: char, newline: bool) {
+        self.end_token();
+        if self.gap == 0 {
+            self.gap_first = c;
+        }
+        self.gap = self.gap.saturating_add(1);
+        self.gap_newline |= newline;
+    }
+
+    /// Decides what the units of the token just read emit, and emits them (a lone letter
+    /// waits in `letters` for its neighbours).
+    fn end_token(&mut self) {
+        if self.n.units.is_empty() {
+            return;
+        }
+        let units = &mut self.n.units;
+        let mut has_letter = false;
+        let mut has_latin = false;
+        let mut all_lookalike = true;
+        let mut first_alnum = usize::MAX;
+        let mut last_alnum = 0;
+        for (i, u) in units.iter().enumerate() {
+            match u.kind {
+                Kind::Letter => {
+                    has_letter = true;
+                    if u.ch.is_ascii() {
+                        has_latin = true;
+                    } else if u.alt == '\0' {
+                        all_lookalike = false;
+                    }
+                }
+                Kind::Digit => {}
+                _ => continue,
+            }
+            first_alnum = first_alnum.min(i);
+            last_alnum = i;
+        }
+        if first_alnum == usize::MAX {
+            // Only symbols: the whole token is a separator.
+            let len = u32::try_from(units.len()).unwrap_or(u32::MAX);
+            units.clear();
+            if self.gap == 0 {
+                self.gap_first = '*';
+            }
+            self.gap = self.gap.saturating_add(len);
+            return;
+        }
+        let fold_lookalikes = has_latin || all_lookalike;
+        let mut count = 0usize;
+        let mut first = 0;
+        for (i, u) in units.iter_mut().enumerate() {
+            let inner = first_alnum < i && i < last_alnum;
+            u.ch = match u.kind {
+                Kind::Letter if fold_lookalikes && u.alt != '\0' => u.alt,
+                Kind::Letter => u.ch,
+                Kind::Digit if has_letter => u.alt,
+                Kind::Digit => u.ch,
+                Kind::LeetAny if has_letter => u.alt,
+                Kind::LeetInner | Kind::Censor if has_letter && inner => u.alt,
+                _ => '\0',
+            };
+            if u.ch != '\0' {
+                if count == 0 {
+                    first = i;
+                }
+                count += 1;
+            }
+        }
+        let head = units[first];
+        let short_gap = self.gap <= MAX_JOIN_GAP && !self.gap_newline;
+        if count == 1 && head.ch.is_alphabetic() && !is_unspaced(head.ch) {
+            // A lone letter: maybe part of `f.u.c.k`.
+            units.clear();
+            if !short_gap {
+                self.flush_letters();
+            }
+            let gap = (self.gap_first, self.gap.min(u32::from(u8::MAX)) as u8);
+            self.n.letters.push(Letter {
+                ch: head.ch,
+                start: head.start,
+                end: head.end,
+                gap,
+                join: false,
+            });
+        } else {
+            self.flush_letters();
+            if self.n.text.is_empty() || (is_unspaced(head.ch) && self.last_unspaced && short_gap)
+            {
+                // Start of text, or unspaced script continued across a short gap.
+            } else {
+                self.space();
+            }
+            let mut units = std::mem::take(&mut self.n.units);
+            for u in &units {
+                if u.ch != '\0' {
+                    self.emit(u.ch, u.start, u.end);
+                }
+            }
+            units.clear();
+            self.n.units = units;
+        }
+        self.gap = 0;
+        self.gap_first = '\0';
+        self.gap_newline = false;
+    }
+
+    /// Emits the pending lone letters, joining neighbours into chains. Runs of two or more
+    /// equal gaps join their letters (`f.u.c.k`); a single gap joins its two letters only
+    /// when neither belongs to such a run (`a f.u.c.k` → `a fuck`).
+    fn flush_letters(&mut self) {
+        let mut letters = std::mem::take(&mut self.n.letters);
+        let k = letters.len();
+        let mut i = 1;
+        while i < k {
+            let mut j = i;
+            while j + 1 < k && letters[j + 1].gap == letters[i].gap {
+                j += 1;
+            }
+            if j > i {
+                for l in &mut letters[i..=j] {
+                    l.join = true;
+                }
+            } else {
+                let next_is_run = j + 2 < k && letters[j + 2].gap == letters[j + 1].gap;
+                letters[i].join = !letters[i - 1].join && !next_is_run;
+            }
+            i = j + 1;
+        }
+        let mut chain: Option<(u32, usize)> = None;
+        for l in &letters {
+            if !l.join {
+                self.close_chain(chain.take());
+                if !self.n.text.is_empty() {
+                    self.space();
+                }
+                chain = Some((self.n.text.len() as u32, 0));
+            }
+            self.emit(l.ch, l.start, l.end);
+            if let Some((_, n)) = &mut chain {
+                *n += 1;
+            }
+        }
+        self.close_chain(chain);
+        letters.clear();
+        self.n.letters = letters;
+    }
+
+    fn close_chain(&mut self, chain: Option<(u32, usize)>) {
+        if let Some((start, n)) = chain
+            && n >= 2
+        {
+            self.n.chains.push((start, self.n.text.len() as u32));
+        }
+    }
+
+    fn space(&mut self) {
+        let at = self.n.ends.last().copied().unwrap_or(0);
+        self.n.text.push(' ');
+        self.n.starts.push(at);
+        self.n.ends.push(at);
+        self.n.runs.push(1);
+        self.last_char = None;
+    }
+
+    fn emit(&mut self, c: char, start: u32, end: u32) {
+        let unspaced = is_unspaced(c);
+        if let Some(last) = self.last_char {
+            if last == c && !c.is_ascii_digit() {
+                let n = &mut *self.n;
+                let from = n.text.len() - c.len_utf8();
+                for r in &mut n.runs[from..] {
+                    *r = r.saturating_add(1);
+                }
+                for e in &mut n.ends[from..] {
+                    *e = end;
+                }
+                return;
+            }
+            if unspaced != self.last_unspaced {
+                self.space();
+            }
+        }
+        let n = &mut *self.n;
+        n.text.push(c);
+        for _ in 0..c.len_utf8() {
+            n.starts.push(start);
+            n.ends.push(end);
+            n.runs.push(1);
+        }
+        self.last_char = Some(c);
+        self.last_unspaced = unspaced;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn n(s: &str) -> String {
+        normalize(s)
+    }
+
+    #[test]
+    fn folds() {
+        assert_eq!(n("Hello,  World!"), "helo world");
+        assert_eq!(n("ｆｕｃｋ"), "fuck");
+        assert_eq!(n("𝐟𝐮𝐜𝐤"), "fuck");
+        assert_eq!(n("ⓕⓤⓒⓚ"), "fuck");
+        assert_eq!(n("🇫🇺🇨🇰"), "fuck");
+        assert_eq!(n("fυсk"), "fuck");
+        assert_eq!(n("привет"), "привет");
+        assert_eq!(n("f\u{200b}u\u{200d}ck"), "fuck");
+        assert_eq!(n("f\u{0336}u\u{0336}c\u{0336}k\u{0336}"), "fuck");
+        assert_eq!(n("Crème brûlée"), "creme brule");
+        assert_eq!(n("Straße"), "strase");
+    }
+
+    #[test]
+    fn leet_only_in_words() {
+        assert_eq!(n("sh1t"), "shit");
+        assert_eq!(n("$h!t"), "shit");
+        assert_eq!(n("I have 3 cats"), "i have 3 cats");
+        assert_eq!(n("2024"), "2024");
+        assert_eq!(n("wow!!!"), "wow");
+        assert_eq!(n("f*ck"), "f*ck");
+        assert_eq!(n("*fuck*"), "fuck");
+        assert_eq!(n("don't"), "dont");
+    }
+
+    #[test]
+    fn runs_and_chains() {
+        let x = Normalized::of("fuuuuck");
+        assert_eq!(x.as_str(), "fuck");
+        assert_eq!(x.runs(), &[1, 4, 1, 1]);
+        assert_eq!(x.original_range(0..4), Some(0..7));
+        let x = Normalized::of("a f.u.c.k.i.n.g idiot");
+        assert_eq!(x.as_str(), "a fucking idiot");
+        assert_eq!(x.chains(), &[(2, 9)]);
+        assert_eq!(x.original_range(2..9), Some(2..15));
+        assert_eq!(n("you are a f u c k i n g idiot"), "you are afucking idiot");
+        assert_eq!(n("f u c k you"), "fuck you");
+        assert_eq!(n("你 是 傻 逼 bitch"), "你是傻逼 bitch");
+        assert_eq!(n("你是bitch"), "你是 bitch");
+    }
+
+    #[test]
+    fn never_empty_ranges() {
+        for s in ["", " ", "!!!", "\u{301}\u{301}", "\u{200b}"] {
+            let x = Normalized::of(s);
+            assert!(x.is_empty(), "{s:?} -> {:?}", x.as_str());
+        }
+    }
+}
