@@ -16,8 +16,10 @@ build:
 run: models build
 	./target/release/chatguard serve --listen $(LISTEN)
 
+# The tests get a throwaway redis-server on 127.0.0.1:6399 (installed with apt-get if missing,
+# stopped afterwards even on failure): scripts/with-test-redis.sh sets CHATGUARD_TEST_REDIS_URL.
 test: models
-	$(CARGO) test --all-features --lib --bins --tests
+	bash scripts/with-test-redis.sh $(CARGO) test --all-features --lib --bins --tests
 	$(CARGO) bench --no-run
 
 bench: models

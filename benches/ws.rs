@@ -91,13 +91,17 @@ async fn closed_loop(addr: SocketAddr, conns: usize, window: u64, secs: u64) -> 
             let mut sent = 0u64;
             let mut done = 0u64;
             for _ in 0..window {
-                tx.send(Message::text(request(c, sent))).await.expect("send");
+                tx.send(Message::text(request(c, sent)))
+                    .await
+                    .expect("send");
                 sent += 1;
             }
             while Instant::now() < deadline {
                 rx.next().await.expect("open").expect("frame");
                 done += 1;
-                tx.send(Message::text(request(c, sent))).await.expect("send");
+                tx.send(Message::text(request(c, sent)))
+                    .await
+                    .expect("send");
                 sent += 1;
             }
             done
@@ -120,7 +124,8 @@ async fn open_loop(addr: SocketAddr, conns: usize, rate: u64, secs: u64) -> (Vec
                 .expect("connect");
             let (mut tx, mut rx) = ws.split();
             let total = per_conn * secs;
-            let sent_at = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<u64, Instant>::new()));
+            let sent_at =
+                std::sync::Arc::new(std::sync::Mutex::new(HashMap::<u64, Instant>::new()));
             let reader_sent = sent_at.clone();
             let reader = tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(total as usize);

@@ -7,6 +7,7 @@
 //! Every setting has an embedded default, so `chatguard serve` runs with no file at all.
 
 use crate::behaviour::BehaviourConfig;
+use crate::image::ImageConfig;
 use crate::policy::Policy;
 use crate::text::classifier::TextModelConfig;
 use crate::text::lexicon::Lexicon;
@@ -142,6 +143,8 @@ pub struct RawConfig {
     pub behaviour: BehaviourConfig,
     /// The transformer text classifier.
     pub text_model: TextModelConfig,
+    /// Image decoding limits, hash lists, the image model, binary frames.
+    pub image: ImageConfig,
 }
 
 impl RawConfig {
@@ -157,12 +160,19 @@ impl RawConfig {
         })
     }
 
-    /// Applies environment overrides: `CHATGUARD_TOKEN` adds a token for tenant `default`.
+    /// Applies environment overrides: `CHATGUARD_TOKEN` adds a token for tenant `default`;
+    /// `CHATGUARD_REDIS_URL` sets `behaviour.redis_url` and selects `behaviour.store = "redis"`.
     pub fn apply_env(&mut self) {
         if let Ok(token) = std::env::var("CHATGUARD_TOKEN")
             && !token.is_empty()
         {
             self.auth.tokens.insert(token, DEFAULT_TENANT.to_string());
+        }
+        if let Ok(url) = std::env::var("CHATGUARD_REDIS_URL")
+            && !url.is_empty()
+        {
+            self.behaviour.redis_url = url;
+            self.behaviour.store = crate::behaviour::StoreKind::Redis;
         }
     }
 }
@@ -184,6 +194,8 @@ pub struct Config {
     pub behaviour: BehaviourConfig,
     /// Text model settings (validated; the model itself is loaded by the server).
     pub text_model: TextModelConfig,
+    /// Image settings (validated; the model itself is loaded by the server).
+    pub image: ImageConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -233,6 +245,9 @@ impl Config {
         raw.text_model
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("text_model: {e}")))?;
+        raw.image
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("image.{e}")))?;
 
         let mut tokens = HashMap::new();
         for (token, tenant) in &raw.auth.tokens {
@@ -266,6 +281,7 @@ impl Config {
             policies: Arc::new(policies),
             behaviour: raw.behaviour,
             text_model: raw.text_model,
+            image: raw.image,
         })
     }
 

@@ -9,6 +9,7 @@
 //! - [`server`]: listener, connections, wire protocol ([`server::protocol`]).
 //! - [`moderator`]: runs the stages for one message and assembles the verdict.
 //! - [`text`]: normalization and the keyword automaton.
+//! - [`image`]: safe image decoding, perceptual-hash lists and the image model.
 //! - [`policy`]: signals + tenant policy → action, labels, score.
 //! - [`behaviour`]: per-sender flood limits, abuse scores and sanctions.
 //! - [`metrics`]: counters and histograms for the admin `/metrics` endpoint.
@@ -16,9 +17,10 @@
 
 pub mod behaviour;
 pub mod config;
-pub mod metrics;
 pub mod eval;
+pub mod image;
 pub mod infer;
+pub mod metrics;
 pub mod moderator;
 pub mod policy;
 pub mod server;

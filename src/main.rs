@@ -1,7 +1,9 @@
 //! The `chatguard` binary: a thin CLI over the library.
 //!
 //! - `serve`: run the WebSocket sidecar.
-//! - `check`: moderate stdin, one message per line, one JSON verdict per line.
+//! - `check`: moderate stdin, one message per line, one JSON verdict per line; or image files
+//!   (`--image FILE`), one JSON verdict for them.
+//! - `hashlist add`: add images to the perceptual-hash blocklist or allowlist.
 
 use anyhow::Context;
 use chatguard::config::{Config, RawConfig};
@@ -15,7 +17,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "chatguard", version, about = "Content-moderation sidecar for IM servers")]
+#[command(
+    name = "chatguard",
+    version,
+    about = "Content-moderation sidecar for IM servers"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "CHATGUARD_LOG_FORMAT")]
@@ -55,6 +61,37 @@ enum Command {
         /// Policy to apply.
         #[arg(long, default_value = "default")]
         policy: String,
+        /// Moderate this image file instead of reading stdin (repeatable: one verdict for all).
+        #[arg(long = "image", value_name = "FILE")]
+        images: Vec<PathBuf>,
+    },
+    /// Manage the image perceptual-hash lists.
+    Hashlist {
+        #[command(subcommand)]
+        command: HashlistCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum HashlistCommand {
+    /// Add images to the blocklist (or the allowlist) by their perceptual hash; prints
+    /// `HASH FILE` per image. A running server picks the change up within seconds.
+    Add {
+        /// Image files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Label reported on a match, optionally with a sub-label (`porn`, `gore/beheading`).
+        #[arg(long, default_value = "porn")]
+        label: String,
+        /// Add to the allowlist (known-good images, allowed without the model) instead.
+        #[arg(long)]
+        allow: bool,
+        /// List file to append to (default: image.blocklist_path or image.allowlist_path).
+        #[arg(long)]
+        list: Option<PathBuf>,
+        /// TOML config file.
+        #[arg(long, env = "CHATGUARD_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -96,7 +133,26 @@ fn main() -> anyhow::Result<()> {
             config,
             lexicon_only,
             policy,
+            images,
+        } if !images.is_empty() => {
+            runtime.block_on(check_images(config, lexicon_only, policy, images))
+        }
+        Command::Check {
+            config,
+            lexicon_only,
+            policy,
+            images: _,
         } => runtime.block_on(check(config, lexicon_only, policy)),
+        Command::Hashlist {
+            command:
+                HashlistCommand::Add {
+                    files,
+                    label,
+                    allow,
+                    list,
+                    config,
+                },
+        } => hashlist_add(config, files, &label, allow, list),
     }
 }
 
@@ -186,5 +242,135 @@ async fn check(config: Option<PathBuf>, lexicon_only: bool, policy: String) -> a
         writeln!(out, "{json}")?;
     }
     out.flush()?;
+    Ok(())
+}
+
+async fn check_images(
+    config: Option<PathBuf>,
+    lexicon_only: bool,
+    policy: String,
+    files: Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    use chatguard::image::{ImageModel, ImageStage};
+    use chatguard::server::protocol::ImageRef;
+    use std::io::Read;
+    let config = load_config(config.as_ref())?;
+    if !config.policies.contains_key(&policy) {
+        anyhow::bail!("unknown policy `{policy}` (--policy)");
+    }
+    let mut images = Vec::with_capacity(files.len());
+    for (n, path) in files.iter().enumerate() {
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                // One byte over the limit is enough for the stage to report it.
+                f.take(config.image.max_encoded_bytes as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
+            .with_context(|| format!("cannot read image {}", path.display()))?;
+        let id = path.display().to_string();
+        let id = if id.is_empty() || id.len() > chatguard::server::protocol::MAX_ID_BYTES {
+            format!("i{}", n + 1)
+        } else {
+            id
+        };
+        images.push(ImageRef {
+            id,
+            data: None,
+            binary: Some(Ok(bytes.into())),
+        });
+    }
+    let stage = if lexicon_only {
+        ImageStage::with_model(&config.image, ImageModel::Disabled)
+    } else {
+        ImageStage::load(&config.image).await
+    };
+    let moderator = Moderator::new(&config, None, EventHub::default()).with_images(stage);
+    let tenant: Arc<str> = Arc::from(chatguard::config::DEFAULT_TENANT);
+    let req = ModerateRequest {
+        id: "1".into(),
+        user: "check".into(),
+        room: None,
+        to: None,
+        policy: Some(policy),
+        text: None,
+        images,
+    };
+    let json = match moderator.moderate(&tenant, req).await {
+        Ok(v) => to_json(&v),
+        Err(e) => to_json(&chatguard::server::protocol::ErrorReply::new(
+            Some("1".into()),
+            e.code(),
+            e.to_string(),
+        )),
+    };
+    println!("{json}");
+    Ok(())
+}
+
+fn hashlist_add(
+    config: Option<PathBuf>,
+    files: Vec<PathBuf>,
+    label: &str,
+    allow: bool,
+    list: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use chatguard::image::hashlist;
+    // The raw file only: the list being added to may not exist yet, which validation refuses.
+    let raw = match &config {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    let (setting, configured) = if allow {
+        ("image.allowlist_path", raw.image.allowlist_path.clone())
+    } else {
+        ("image.blocklist_path", raw.image.blocklist_path.clone())
+    };
+    let Some(path) = list.or(configured) else {
+        anyhow::bail!("no list file: pass --list FILE or set {setting} in the config file");
+    };
+    let (name, sub) = hashlist::parse_label(label).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
+    let label = match sub {
+        Some(sub) => format!("{name}/{sub}"),
+        None => name.to_string(),
+    };
+    let limits = raw.image.decode_limits();
+    let mut failed = 0;
+    for file in &files {
+        let hashes = std::fs::read(file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| hashlist::list_hashes(&bytes, &limits));
+        match hashes {
+            Ok(hashes) => {
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                // The whole picture, then its crop variants (so cropped copies match too).
+                for (variant, hash) in &hashes {
+                    let note = if variant.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{name} [{variant}]")
+                    };
+                    hashlist::append_entry(&path, *hash, &label, &note)?;
+                }
+                println!(
+                    "{} {} ({} hashes with crops)",
+                    hashes[0].1,
+                    file.display(),
+                    hashes.len()
+                );
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images not added", files.len());
+    }
+    eprintln!("added {} images to {}", files.len(), path.display());
     Ok(())
 }

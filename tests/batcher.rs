@@ -1,5 +1,6 @@
 //! The dynamic batcher with a mock backend that records every batch it runs.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,12 +36,18 @@ impl Job {
     }
 }
 
-struct MockPrepare;
+/// Counts prepared jobs so tests can wait until a backlog has reached the model queue.
+#[derive(Default)]
+struct MockPrepare {
+    prepared: Arc<AtomicUsize>,
+}
 
 impl Prepare for MockPrepare {
     type Request = Job;
     type Item = Job;
     fn prepare(&mut self, job: Job) -> Result<Job, InferError> {
+        // Counted before the hand-off to the model queue; `wait_prepared` allows for that.
+        self.prepared.fetch_add(1, Ordering::SeqCst);
         if job.bad_input {
             Err(InferError::Input(format!("job {} is bad", job.id)))
         } else {
@@ -92,6 +99,7 @@ struct Mock {
     batches: Arc<Mutex<Vec<Vec<u64>>>>,
     started_rx: mpsc::Receiver<()>,
     gate_tx: mpsc::Sender<()>,
+    prepared: Arc<AtomicUsize>,
 }
 
 impl Mock {
@@ -116,12 +124,15 @@ impl Mock {
             started_tx,
             gate_rx,
         };
-        let batcher = Batcher::spawn(config, MockPrepare, backend).unwrap();
+        let prepare = MockPrepare::default();
+        let prepared = prepare.prepared.clone();
+        let batcher = Batcher::spawn(config, prepare, backend).unwrap();
         Mock {
             batcher,
             batches,
             started_rx,
             gate_tx,
+            prepared,
         }
     }
 
@@ -146,6 +157,21 @@ impl Mock {
             .recv_timeout(Duration::from_secs(5))
             .unwrap();
         rx
+    }
+
+    /// Waits until `n` jobs in all have been prepared and handed to the model queue.
+    async fn wait_prepared(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.prepared.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} jobs prepared",
+                self.prepared.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The count goes up just before the hand-off; give the channel send a moment.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     fn release_model(&self) {
@@ -212,16 +238,8 @@ async fn batches_form_under_load_and_respect_max_batch_size() {
         .collect();
     let batcher = mock.batcher.clone();
     let waiter = tokio::spawn(async move { submit_all(&batcher, backlog).await });
-    // Wait until the whole backlog is queued.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.batcher.stats().queue_depth < 40 {
-        assert!(
-            Instant::now() < deadline,
-            "backlog never queued: {:?}",
-            mock.batcher.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    // Wait until the whole backlog is queued for the model (1 gated + 40).
+    mock.wait_prepared(41).await;
     mock.release_model();
     assert_eq!(first.await.unwrap(), Ok(2000));
     for (job, result) in waiter.await.unwrap() {
@@ -258,11 +276,7 @@ async fn batches_respect_max_batch_tokens_padded() {
     for job in &jobs {
         receivers.push(mock.batcher.enqueue(*job).unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.batcher.stats().queue_depth < jobs.len() as u64 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    mock.wait_prepared(1 + jobs.len()).await;
     mock.release_model();
     first.await.unwrap().unwrap();
     for (job, rx) in jobs.iter().zip(receivers) {
@@ -294,16 +308,19 @@ async fn lone_request_runs_immediately() {
     let mock = Mock::new(32, 10_000, 100, 60_000);
     // Warm the threads up.
     assert_eq!(mock.batcher.submit(Job::id(1)).await, Ok(2));
-    let mut worst = Duration::ZERO;
-    for id in 2..12 {
+    let mut latencies = Vec::new();
+    for id in 2..13 {
         let started = Instant::now();
         assert_eq!(mock.batcher.submit(Job::id(id)).await, Ok(id * 2));
-        worst = worst.max(started.elapsed());
+        latencies.push(started.elapsed());
     }
-    // No batching timer: a lone request's latency is the model's (here ~0) plus hand-offs.
+    latencies.sort_unstable();
+    // No batching timer: a lone request's latency is the model's (here 0) plus two thread
+    // hand-offs — well under a millisecond on an idle machine; the bound allows a busy one.
+    let median = latencies[latencies.len() / 2];
     assert!(
-        worst < Duration::from_millis(50),
-        "lone request took {worst:?}"
+        median < Duration::from_millis(20),
+        "lone requests took {latencies:?}"
     );
     assert!(mock.batches().iter().all(|b| b.len() == 1));
 }
@@ -392,9 +409,7 @@ async fn backend_error_and_panic_reach_that_batch_only() {
     .into_iter()
     .map(|j| mock.batcher.enqueue(j).unwrap())
     .collect();
-    while mock.batcher.stats().queue_depth < 2 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    mock.wait_prepared(3).await;
     mock.release_model();
     assert_eq!(first.await.unwrap(), Ok(2));
     for rx in doomed {
@@ -448,7 +463,7 @@ fn blocking_submit_and_config_validation() {
         started_tx,
         gate_rx,
     };
-    match Batcher::spawn(zero, MockPrepare, backend) {
+    match Batcher::spawn(zero, MockPrepare::default(), backend) {
         Err(InferError::Config { setting, .. }) => assert_eq!(setting, "max_batch_size"),
         Err(other) => panic!("wrong error {other}"),
         Ok(_) => panic!("max_batch_size = 0 accepted"),

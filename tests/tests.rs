@@ -1,2 +1,7 @@
-
+mod batcher;
+mod behaviour;
+mod common;
 mod e2e;
+mod image;
+mod model;
+mod text;

@@ -29,26 +29,47 @@ const MIN_USERS_PER_SHARD: usize = 4096;
 /// Most shards: enough to keep lock contention negligible on the machines this runs on.
 const MAX_SHARDS: usize = 64;
 
-/// The tracker's clock: `tokio::time::Instant`, so tests can pause and advance it.
+/// The tracker's clock: `tokio::time::Instant` (so tests can pause and advance it) counted from
+/// the system clock's reading when the tracker started, so that ticks are unix seconds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Clock {
-    /// When the tracker started; ticks count whole seconds from here.
+    /// When the tracker started.
     epoch: tokio::time::Instant,
+    /// The system clock at `epoch`, unix milliseconds.
+    epoch_unix_ms: u64,
 }
 
 impl Clock {
-    /// A clock starting now.
+    /// A clock starting now. The start is rounded down to a whole unix second, so that ticks
+    /// turn over exactly N seconds after the start: the tracker's clock runs up to a second
+    /// behind the system clock, and a sanction may outlast its reported `until` by as much
+    /// (never end before it).
     pub(crate) fn start() -> Clock {
         Clock {
             epoch: tokio::time::Instant::now(),
+            epoch_unix_ms: unix_now_ms() / 1000 * 1000,
         }
     }
 
     /// The current reading.
     pub(crate) fn now(&self) -> Now {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Now::from_elapsed_ms(ms)
+        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Now::from_unix_ms(self.epoch_unix_ms.saturating_add(elapsed))
     }
+}
+
+/// The system clock in unix milliseconds (0 if it is set before 1970).
+pub(crate) fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A 64-bit checksum of `bytes` (SipHash-1-3 under a fixed key) for the snapshot and journal.
+pub(crate) fn checksum(bytes: &[u8]) -> u64 {
+    let mut h = SipHasher::<1, 3>::new(0x6368_6174_6775_6172, 0x6465_6421_7374_6f72);
+    h.write(bytes);
+    h.finish()
 }
 
 /// Derives [`UserKey`]s with SipHash-1-3 under a per-tracker random key, so user ids chosen by
@@ -64,6 +85,27 @@ pub(crate) struct KeyHasher {
 }
 
 impl KeyHasher {
+    /// The hasher with this key (restored from a snapshot).
+    pub(crate) fn from_parts(k0: u64, k1: u64) -> KeyHasher {
+        KeyHasher { k0, k1 }
+    }
+
+    /// The key, to save with a snapshot.
+    pub(crate) fn parts(&self) -> (u64, u64) {
+        (self.k0, self.k1)
+    }
+
+    /// The key of a sequence of fields under a one-byte domain tag (texts, pairs, rooms), each
+    /// length-prefixed so that no two sequences collide by concatenation.
+    pub(crate) fn key_of(&self, domain: u8, fields: &[&[u8]]) -> u64 {
+        let mut h = SipHasher::<1, 3>::new(self.k0 ^ u64::from(domain), self.k1);
+        for f in fields {
+            h.write(&(f.len() as u64).to_le_bytes());
+            h.write(f);
+        }
+        h.finish()
+    }
+
     /// A hasher with a fresh random key.
     pub(crate) fn random() -> KeyHasher {
         let seed = RandomState::new();
@@ -179,7 +221,7 @@ impl<const C: usize, const D: usize> SipHasher<C, D> {
 
 /// `Hasher` for maps keyed by [`UserKey`]: the key already is a keyed hash, so use it as is.
 #[derive(Debug, Default, Clone, Copy)]
-struct PassThrough(u64);
+pub(crate) struct PassThrough(u64);
 
 impl Hasher for PassThrough {
     fn finish(&self) -> u64 {
@@ -267,14 +309,15 @@ impl MemoryStore {
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Runs `f` on `key`'s record under its shard lock, creating the record if needed. When the
-    /// shard is full of users that cannot be evicted, `f` runs on a fresh record that is kept
-    /// only if it ends up holding a sanction (sanctions are never dropped for space).
+    /// Runs `f` on `key`'s record under its shard lock, creating the record if needed (`f`'s
+    /// second argument says it was just created). When the shard is full of users that cannot
+    /// be evicted, `f` runs on a fresh record that is kept only if it ends up holding a sanction
+    /// (sanctions are never dropped for space).
     pub(crate) fn update<R>(
         &self,
         key: UserKey,
         now: Now,
-        f: impl FnOnce(&mut UserState) -> R,
+        f: impl FnOnce(&mut UserState, bool) -> R,
     ) -> R {
         let mut shard = self.shard(key);
         if shard.users.len() >= self.shard_capacity
@@ -282,16 +325,27 @@ impl MemoryStore {
             && !self.make_room(&mut shard, now.tick)
         {
             let mut fresh = UserState::new(now.tick);
-            let result = f(&mut fresh);
+            let result = f(&mut fresh, true);
             if fresh.protected(now.tick, &self.policy) {
                 shard.users.insert(key, fresh);
             }
             return result;
         }
-        f(shard
-            .users
-            .entry(key)
-            .or_insert_with(|| UserState::new(now.tick)))
+        let mut created = false;
+        let user = shard.users.entry(key).or_insert_with(|| {
+            created = true;
+            UserState::new(now.tick)
+        });
+        f(user, created)
+    }
+
+    /// Calls `f` with every record, one shard lock at a time.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(UserKey, &UserState)) {
+        for shard in self.lock_all() {
+            for (&key, user) in &shard.users {
+                f(key, user);
+            }
+        }
     }
 
     /// A copy of `key`'s record, if tracked.
@@ -387,7 +441,7 @@ impl StateStore for FloodState {
     {
         let store = &self.0;
         let now = store.now();
-        store.update(*key, now, |user| {
+        store.update(*key, now, |user, _| {
             // A message is activity: fold the score decay in before moving `seen`.
             user.touch(now.tick, &store.policy);
             let previous = (user.tat_nanos != 0).then(|| Nanos::new(user.tat_nanos));
@@ -451,5 +505,16 @@ mod tests {
         let large = store(1_000_000);
         assert_eq!(large.shards.len(), 64);
         assert!(large.shard_capacity * large.shards.len() <= 1_000_000);
+    }
+
+    #[test]
+    fn domain_keys_differ_by_domain_and_field_split() {
+        let keys = KeyHasher { k0: 1, k1: 2 };
+        assert_ne!(
+            keys.key_of(1, &[b"ab", b"c"]),
+            keys.key_of(1, &[b"a", b"bc"])
+        );
+        assert_ne!(keys.key_of(1, &[b"x"]), keys.key_of(2, &[b"x"]));
+        assert_eq!(keys.key_of(3, &[b"x"]), keys.key_of(3, &[b"x"]));
     }
 }

@@ -7,11 +7,20 @@
 //! the socket's sending half and also forwards the tenant's pushed events. Called by
 //! [`super::run`].
 //!
+//! Images may come as binary frames (4-byte big-endian header length, JSON header
+//! `{"type":"image","id":"<request id>/<image id>"}`, raw bytes), before or after the `moderate`
+//! request that lists them without `data`; they are parked in a bounded per-connection
+//! [`PendingImages`] store and the request waits for missing ones up to `image.binary_wait_ms`.
+//!
 //! Close codes: 1001 on shutdown, 1009 for a message over `server.max_message_bytes`, 1007 for
 //! a text frame that is not UTF-8, 1002 for other protocol violations.
 
 use super::Shared;
-use super::protocol::{ErrorCode, ErrorReply, Pong, Probe, Request, to_json};
+use super::protocol::{
+    ErrorCode, ErrorReply, ModerateRequest, Pong, Probe, Request, SanctionReply, parse_image_frame,
+    to_json,
+};
+use crate::image::pending::{PendingError, PendingImages};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 
 /// Serves one connection to completion.
 pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shared: Arc<Shared>) {
@@ -37,6 +46,7 @@ pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shar
         shared: shared.clone(),
         out_tx,
         in_flight: in_flight.clone(),
+        pending: Arc::new(PendingImages::new(shared.config.image.pending_limits())),
     };
     tracing::debug!(tenant = %conn.tenant, "connection open");
 
@@ -49,15 +59,7 @@ pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shar
         match msg {
             None | Some(Ok(Message::Close(_))) => break None,
             Some(Ok(Message::Text(text))) => conn.on_text(text.as_str()).await,
-            Some(Ok(Message::Binary(_))) => {
-                conn.send_error(
-                    None,
-                    ErrorCode::BadRequest,
-                    "unexpected binary frame: send requests as JSON text frames \
-                     (binary image frames are not supported by this build)",
-                )
-                .await
-            }
+            Some(Ok(Message::Binary(frame))) => conn.on_binary(frame).await,
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
             Some(Err(e)) => break close_for(&e),
         }
@@ -147,6 +149,31 @@ struct Conn {
     out_tx: mpsc::Sender<Message>,
     /// One permit per in-flight request.
     in_flight: Arc<Semaphore>,
+    /// Binary image frames waiting for their request (and requests waiting for frames).
+    pending: Arc<PendingImages>,
+}
+
+/// Fills in the bytes of the images `req` expects as binary frames (those without `data`),
+/// waiting for missing ones up to `image.binary_wait_ms`. Skipped for a request with too many
+/// images: it is refused anyway.
+async fn attach_binary_images(
+    pending: &PendingImages,
+    req: &mut ModerateRequest,
+    max_images: usize,
+) {
+    if req.images.len() > max_images {
+        return;
+    }
+    let request_id = req.id.as_str();
+    let waits = req
+        .images
+        .iter_mut()
+        .filter(|image| image.data.is_none())
+        .map(|image| async move {
+            let key = image.frame_key(request_id);
+            image.binary = Some(pending.take(&key).await);
+        });
+    futures_util::future::join_all(waits).await;
 }
 
 impl Conn {
@@ -161,6 +188,22 @@ impl Conn {
             .await
     }
 
+    /// A binary image frame: parked for (or handed to) the request that lists it.
+    async fn on_binary(&self, frame: Bytes) {
+        match parse_image_frame(&frame) {
+            Ok((key, bytes)) => {
+                if let Err(e) = self.pending.offer(key.clone(), bytes) {
+                    let code = match e {
+                        PendingError::Duplicate(_) => ErrorCode::BadRequest,
+                        PendingError::Full { .. } => ErrorCode::Overloaded,
+                    };
+                    self.send_error(Some(key), code, &e.to_string()).await;
+                }
+            }
+            Err((key, message)) => self.send_error(key, ErrorCode::BadRequest, &message).await,
+        }
+    }
+
     async fn on_text(&self, text: &str) {
         let req = match serde_json::from_str::<Request>(text) {
             Ok(req) => req,
@@ -169,8 +212,8 @@ impl Conn {
                 let message = match probe.kind.as_deref() {
                     _ if e.is_syntax() || e.is_eof() => format!("malformed JSON: {e}"),
                     None => format!("missing or non-string `type`: {e}"),
-                    Some(k) if !matches!(k, "moderate" | "ping") => {
-                        format!("unknown type `{k}` (expected `moderate` or `ping`)")
+                    Some(k) if !matches!(k, "moderate" | "sanction" | "ping") => {
+                        format!("unknown type `{k}` (expected `moderate`, `sanction` or `ping`)")
                     }
                     Some(k) => format!("invalid `{k}` request: {e}"),
                 };
@@ -181,6 +224,21 @@ impl Conn {
         };
         match req {
             Request::Ping { id } => self.send(to_json(&Pong { kind: "pong", id })).await,
+            Request::Sanction(req) => {
+                let id = req.id.clone();
+                let json = match self.shared.moderator.sanction(&self.tenant, req) {
+                    Ok(sanction) => to_json(&SanctionReply {
+                        kind: "sanction",
+                        id,
+                        sanction,
+                    }),
+                    Err(e) => {
+                        self.shared.metrics.error(e.code());
+                        to_json(&ErrorReply::new(Some(id), e.code(), e.to_string()))
+                    }
+                };
+                self.send(json).await
+            }
             Request::Moderate(req) => {
                 let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                     let message = format!(
@@ -195,7 +253,11 @@ impl Conn {
                 let shared = self.shared.clone();
                 let tenant = self.tenant.clone();
                 let out_tx = self.out_tx.clone();
+                let pending = self.pending.clone();
                 tokio::spawn(async move {
+                    let mut req = req;
+                    let max_images = shared.config.server.max_images_per_message;
+                    attach_binary_images(&pending, &mut req, max_images).await;
                     let id = req.id.clone();
                     let json = match shared.moderator.moderate(&tenant, req).await {
                         Ok(verdict) => to_json(&verdict),

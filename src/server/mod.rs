@@ -7,7 +7,7 @@
 //!
 //! Shutdown (the token is cancelled, e.g. on SIGTERM): stop accepting, let every connection
 //! finish its in-flight requests (up to `server.shutdown_grace_ms`), close them with 1001, stop
-//! the maintenance tasks.
+//! the maintenance tasks, flush the behaviour state (final snapshot, last writes to Redis).
 
 pub mod admin;
 pub mod connection;
@@ -17,8 +17,8 @@ use crate::behaviour::Tracker;
 use crate::config::{Config, DEFAULT_TENANT};
 use crate::metrics::Metrics;
 use crate::moderator::{EventHub, Moderator, TextModel};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -47,7 +47,9 @@ impl Shared {
     /// `(ready, JSON body)` for `/readyz`: every stage with `ok` or why it is unavailable.
     pub fn readiness(&self) -> (bool, String) {
         let stages = self.moderator.stage_status();
-        let ready = stages.iter().all(|(_, status, required)| status.is_ok() || !required);
+        let ready = stages
+            .iter()
+            .all(|(_, status, required)| status.is_ok() || !required);
         let body = serde_json::json!({
             "ready": ready,
             "stages": stages
@@ -92,13 +94,28 @@ pub async fn run_with_admin(
              Set CHATGUARD_TOKEN or [auth.tokens] in the config file before exposing this port."
         );
     }
-    let tracker = Tracker::new(config.behaviour.clone());
+    // Restores the saved sanctions (snapshot + journal) and connects the shared state.
+    let (tracker, mut remote_events) = Tracker::open(config.behaviour.clone())
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let maintenance = tracker.spawn_maintenance(shutdown.child_token());
+    let events = EventHub::default();
+    // Sanctions made by other sidecars (shared state) reach this tenant's connections too.
+    let remote_hub = events.clone();
+    tokio::spawn(async move {
+        while let Some((tenant, sanction)) = remote_events.recv().await {
+            remote_hub.publish(&tenant, &protocol::Event::Sanction(sanction));
+        }
+    });
     let metrics = Arc::new(Metrics::default());
-    let text_model = TextModel::load(&config.text_model).await;
-    let moderator = Moderator::new(&config, Some(tracker), EventHub::default())
+    let (text_model, images) = tokio::join!(
+        TextModel::load(&config.text_model),
+        crate::image::ImageStage::load(&config.image),
+    );
+    let moderator = Moderator::new(&config, Some(tracker.clone()), events)
         .with_metrics(metrics.clone())
-        .with_text_model(text_model);
+        .with_text_model(text_model)
+        .with_images(images);
     let shared = Arc::new(Shared {
         config,
         moderator,
@@ -146,6 +163,7 @@ pub async fn run_with_admin(
     tasks.close();
     tasks.wait().await;
     let _ = maintenance.await;
+    tracker.shutdown().await;
     tracing::info!("shutdown complete");
     Ok(())
 }

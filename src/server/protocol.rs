@@ -5,7 +5,7 @@
 //! sends ([`Verdict`], [`Pong`], [`ErrorReply`], pushed [`Event`]s). `chatguard check` prints
 //! the same [`Verdict`] shape.
 
-use crate::behaviour::{Sanction, SenderInfo};
+use crate::behaviour::{RoomAlarm, Sanction, SanctionState, SenderInfo};
 use crate::text::Match;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,8 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub enum Request {
     /// Moderate one chat message.
     Moderate(ModerateRequest),
+    /// Apply or lift a sanction by hand; answered with a [`SanctionReply`].
+    Sanction(SanctionRequest),
     /// Liveness check; answered with [`Pong`].
     Ping {
         /// Echoed back in the pong.
@@ -48,9 +50,45 @@ pub struct ModerateRequest {
     /// Message text; may be absent or empty when the message only carries images.
     #[serde(default)]
     pub text: Option<String>,
-    /// Attached images (base64). Accepted on the wire; moderated once the image stage exists.
+    /// Attached images: inline base64, or binary frames sent on the same connection.
     #[serde(default)]
     pub images: Vec<ImageRef>,
+}
+
+/// The `sanction` request: the IM server (a human moderator, an appeal) sets a user's
+/// sanction. `action = "ok"` lifts any sanction and clears the cool-down and the abuse score;
+/// `throttle`/`mute`/`block` is imposed for `duration_secs` (default: the configured length of
+/// that sanction) whatever was in force, milder or harsher.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SanctionRequest {
+    /// Caller's request id; echoed in the reply. Required, at most [`MAX_ID_BYTES`].
+    pub id: String,
+    /// The user, as in `moderate` requests.
+    pub user: String,
+    /// `ok` | `throttle` | `mute` | `block`.
+    pub action: SanctionState,
+    /// How long, in seconds (1..=315360000); ignored for `ok`.
+    #[serde(default)]
+    pub duration_secs: Option<u64>,
+    /// Why (the event's `reason`), at most [`MAX_NAME_BYTES`]; `moderator` when absent.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The reply to a `sanction` request: the sanction now in force, with the request's `id`. The
+/// same sanction (without `id`) is pushed to every connection of the tenant as a `sanction`
+/// event, this one included.
+#[derive(Debug, Serialize)]
+pub struct SanctionReply {
+    /// Always `"sanction"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request's id.
+    pub id: String,
+    /// The sanction.
+    #[serde(flatten)]
+    pub sanction: Sanction,
 }
 
 /// An image attached to a `moderate` request.
@@ -59,9 +97,88 @@ pub struct ModerateRequest {
 pub struct ImageRef {
     /// Caller's id for the image, echoed in `images[]` of the verdict.
     pub id: String,
-    /// Base64 image bytes.
+    /// Base64 image bytes. When absent, the bytes come in a binary frame whose header id is
+    /// `"<request id>/<image id>"` (see [`parse_image_frame`]).
     #[serde(default)]
     pub data: Option<String>,
+    /// Filled by the connection, never read from the wire: the binary frame's bytes, or why
+    /// it did not arrive.
+    #[serde(skip)]
+    pub binary: Option<Result<tokio_tungstenite::tungstenite::Bytes, String>>,
+}
+
+impl ImageRef {
+    /// The key of the binary frame carrying this image's bytes for request `request_id`.
+    pub fn frame_key(&self, request_id: &str) -> String {
+        format!("{request_id}/{}", self.id)
+    }
+}
+
+/// Longest JSON header of a binary image frame, in bytes.
+pub const MAX_FRAME_HEADER_BYTES: usize = 1024;
+
+/// The JSON header of a binary image frame.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageFrameHeader {
+    /// Always `"image"`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// `"<request id>/<image id>"`.
+    id: String,
+}
+
+/// Splits a binary frame — 4-byte big-endian header length, JSON header
+/// `{"type":"image","id":"m-1/i1"}`, then the raw image bytes — into the key (`m-1/i1`) and
+/// the bytes (shared with the frame, not copied). The error says what is wrong; it comes with
+/// the key when the header could be read.
+pub fn parse_image_frame(
+    frame: &tokio_tungstenite::tungstenite::Bytes,
+) -> Result<(String, tokio_tungstenite::tungstenite::Bytes), (Option<String>, String)> {
+    let Some(len) = frame.get(..4) else {
+        return Err((
+            None,
+            "binary frame shorter than its 4-byte header length".into(),
+        ));
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len > MAX_FRAME_HEADER_BYTES {
+        return Err((
+            None,
+            format!(
+                "binary frame header length {len} is over {MAX_FRAME_HEADER_BYTES} bytes \
+                 (frame = 4-byte big-endian header length, JSON header, image bytes)"
+            ),
+        ));
+    }
+    let Some(header) = frame.get(4..4 + len) else {
+        return Err((
+            None,
+            format!("binary frame ends inside its {len}-byte header"),
+        ));
+    };
+    let header: ImageFrameHeader = serde_json::from_slice(header).map_err(|e| {
+        (
+            None,
+            format!("binary frame header is not {{\"type\":\"image\",\"id\":\"<request id>/<image id>\"}}: {e}"),
+        )
+    })?;
+    if header.kind != "image" {
+        return Err((
+            Some(header.id),
+            format!("binary frame type `{}` (expected `image`)", header.kind),
+        ));
+    }
+    if header.id.is_empty() || header.id.len() > 2 * MAX_ID_BYTES + 1 {
+        return Err((
+            None,
+            format!(
+                "binary frame `id` must be 1..={} bytes",
+                2 * MAX_ID_BYTES + 1
+            ),
+        ));
+    }
+    Ok((header.id, frame.slice(4 + len..)))
 }
 
 /// Minimal view of a frame used to address an error reply when full parsing fails.
@@ -124,7 +241,7 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelScore {
     /// Taxonomy label: `abuse`, `hate`, `sexual`, `profanity`, `threat`, `self_harm`, `scam`,
-    /// `spam`, `sanction`.
+    /// `spam`, `sanction`, `other`; images: `porn`, `gore`.
     pub label: &'static str,
     /// Finer label (e.g. `insult`, `flood`), if known.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,6 +264,9 @@ pub struct ImageVerdict {
     /// Why the image could not be judged, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The image's 64-bit perceptual hash (16 hex digits), for adding it to a hash list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phash: Option<String>,
 }
 
 /// The `verdict` reply.
@@ -238,6 +358,8 @@ impl ErrorReply {
 pub enum Event {
     /// A sender's sanction changed.
     Sanction(Sanction),
+    /// A room's rate of flagged messages crossed `behaviour.room_alarm_flagged`.
+    RoomAlarm(RoomAlarm),
 }
 
 /// Serializes a reply; our own types always serialize.

@@ -14,24 +14,50 @@
 
 use super::normalize::{MAX_TEXT_BYTES, Normalized, is_unspaced};
 use super::{Match, Severity};
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::automaton::Automaton;
+use aho_corasick::dfa::DFA;
+use aho_corasick::{Anchored, MatchKind, StartKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// The wordlists compiled into the binary: path under `wordlists/` and contents.
 const EMBEDDED: &[(&str, &str)] = &[
-    ("en/profanity.txt", include_str!("../../wordlists/en/profanity.txt")),
-    ("en/insult.txt", include_str!("../../wordlists/en/insult.txt")),
-    ("en/sexual.txt", include_str!("../../wordlists/en/sexual.txt")),
+    (
+        "en/profanity.txt",
+        include_str!("../../wordlists/en/profanity.txt"),
+    ),
+    (
+        "en/insult.txt",
+        include_str!("../../wordlists/en/insult.txt"),
+    ),
+    (
+        "en/sexual.txt",
+        include_str!("../../wordlists/en/sexual.txt"),
+    ),
     ("en/hate.txt", include_str!("../../wordlists/en/hate.txt")),
-    ("en/threat.txt", include_str!("../../wordlists/en/threat.txt")),
-    ("en/self_harm.txt", include_str!("../../wordlists/en/self_harm.txt")),
+    (
+        "en/threat.txt",
+        include_str!("../../wordlists/en/threat.txt"),
+    ),
+    (
+        "en/self_harm.txt",
+        include_str!("../../wordlists/en/self_harm.txt"),
+    ),
     ("en/scam.txt", include_str!("../../wordlists/en/scam.txt")),
     ("en/allow.txt", include_str!("../../wordlists/en/allow.txt")),
-    ("zh/profanity.txt", include_str!("../../wordlists/zh/profanity.txt")),
-    ("zh/insult.txt", include_str!("../../wordlists/zh/insult.txt")),
-    ("zh/sexual.txt", include_str!("../../wordlists/zh/sexual.txt")),
+    (
+        "zh/profanity.txt",
+        include_str!("../../wordlists/zh/profanity.txt"),
+    ),
+    (
+        "zh/insult.txt",
+        include_str!("../../wordlists/zh/insult.txt"),
+    ),
+    (
+        "zh/sexual.txt",
+        include_str!("../../wordlists/zh/sexual.txt"),
+    ),
     ("zh/scam.txt", include_str!("../../wordlists/zh/scam.txt")),
 ];
 
@@ -90,8 +116,14 @@ pub struct Lexicon {
 }
 
 struct Inner {
-    /// One automaton over every pattern (entries, joined phrases, censored variants).
-    ac: AhoCorasick,
+    /// DFA over the ASCII patterns (entries, joined phrases, censored variants), searched
+    /// overlapping so that no occurrence hides another. Kept apart from the non-ASCII
+    /// patterns so its alphabet (byte classes) and table stay small.
+    latin: Searcher,
+    /// DFA over the self-censored variants (`f*ck`); run only on text holding a `*`.
+    censored: Option<Searcher>,
+    /// DFA over the patterns with non-ASCII chars (CJK...); run only on non-ASCII text.
+    other: Option<Searcher>,
     /// Per pattern id: the range of `cands` to check.
     pattern_cands: Vec<(u32, u32)>,
     /// Candidate entries per pattern, grouped by pattern.
@@ -130,8 +162,8 @@ struct Entry {
 struct Cand {
     /// Index into `entries`.
     entry: u32,
-    /// Minimum run length per char of the pattern; `None` when all are 1.
-    runs: Option<Box<[u8]>>,
+    /// Run length per char of the pattern (see [`runs_ok`]).
+    runs: Box<[u8]>,
 }
 
 /// One line of a wordlist file.
@@ -162,6 +194,15 @@ impl std::fmt::Debug for Lexicon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lexicon")
             .field("entries", &self.inner.blocking)
+            .field(
+                "dfa_bytes",
+                &[
+                    Some(&self.inner.latin),
+                    self.inner.censored.as_ref(),
+                    self.inner.other.as_ref(),
+                ]
+                .map(|s| s.map_or(0, |s| s.dfa.memory_usage())),
+            )
             .field("allow", &(self.inner.entries.len() - self.inner.blocking))
             .field("patterns", &self.inner.pattern_cands.len())
             .finish()
@@ -287,40 +328,44 @@ impl Lexicon {
 
     fn scan_chunk(&self, text: &str, offset: usize, scratch: &mut Scratch, out: &mut Vec<Match>) {
         let inner = &*self.inner;
-        scratch.norm.set(text);
+        scratch.norm.set_unmapped(text);
         scratch.raw.clear();
         scratch.allow.clear();
         let norm = &scratch.norm;
-        let bytes = norm.as_str().as_bytes();
+        let bytes = norm.as_bytes();
         let runs = norm.runs();
         let chains = norm.chains();
-        for m in inner.ac.find_overlapping_iter(bytes) {
-            let (s, e) = (m.start(), m.end());
-            let (from, to) = inner.pattern_cands[m.pattern().as_usize()];
-            for cand in &inner.cands[from as usize..to as usize] {
-                let entry = &inner.entries[cand.entry as usize];
-                if !bounds_ok(bytes, chains, s, e, entry) {
-                    continue;
-                }
-                if let Some(want) = &cand.runs
-                    && !runs_ok(bytes, runs, s, want)
-                {
-                    continue;
-                }
-                if entry.allow {
-                    scratch.allow.push((s, e));
-                } else {
-                    scratch.raw.push((s, e, cand.entry));
-                }
-            }
+        let (raw, allow) = (&mut scratch.raw, &mut scratch.allow);
+        inner.search(&inner.latin, bytes, runs, chains, raw, allow);
+        if let Some(censored) = &inner.censored
+            && bytes.contains(&b'*')
+        {
+            inner.search(censored, bytes, runs, chains, raw, allow);
         }
+        if let Some(other) = &inner.other
+            && !bytes.is_ascii()
+        {
+            inner.search(other, bytes, runs, chains, raw, allow);
+        }
+        if scratch.raw.is_empty() {
+            return;
+        }
+        // Something matched: fold again, this time with the offset map (same folded text).
+        scratch.norm.set(text);
+        let norm = &scratch.norm;
+        let bytes = norm.as_bytes();
         for &(s, e, idx) in &scratch.raw {
             if scratch.allow.iter().any(|&(a, b)| a <= s && e <= b) {
                 continue;
             }
             let entry = &inner.entries[idx as usize];
             let (mut s, mut e) = (s, e);
-            if entry.extend_start {
+            // Widen to the whole word, but not leftwards into a chain (`a f u c k i n g`).
+            let in_chain = norm
+                .chains()
+                .iter()
+                .any(|&(cs, ce)| (cs as usize) < s && s < ce as usize);
+            if entry.extend_start && !in_chain {
                 while s > 0 && bytes[s - 1] != b' ' {
                     s -= 1;
                 }
@@ -365,8 +410,17 @@ impl Lexicon {
             if folded.is_empty() {
                 return Err(err(format!("{:?} has no letters or digits", spec.term)));
             }
+            let chars: Vec<(char, u8)> = char_runs(&norm);
+            let first_unspaced = chars.first().is_some_and(|&(c, _)| is_unspaced(c));
+            let last_unspaced = chars.last().is_some_and(|&(c, _)| is_unspaced(c));
+            let entry =
+                u32::try_from(b.entries.len()).map_err(|_| err("too many entries".into()))?;
+            let term: String = chars
+                .iter()
+                .flat_map(|&(c, r)| std::iter::repeat_n(c, usize::from(r.max(1))))
+                .collect();
             let key = format!(
-                "{}{folded}{}",
+                "{}{term}{}",
                 if spec.star_start { "*" } else { "" },
                 if spec.star_end { "*" } else { "" }
             );
@@ -376,14 +430,6 @@ impl Lexicon {
                     spec.term
                 )));
             }
-            let chars: Vec<(char, u8)> = char_runs(&norm);
-            let first_unspaced = chars.first().is_some_and(|&(c, _)| is_unspaced(c));
-            let last_unspaced = chars.last().is_some_and(|&(c, _)| is_unspaced(c));
-            let entry = u32::try_from(b.entries.len()).map_err(|_| err("too many entries".into()))?;
-            let term: String = chars
-                .iter()
-                .flat_map(|&(c, r)| std::iter::repeat_n(c, usize::from(r.max(1))))
-                .collect();
             b.entries.push(Entry {
                 term: Arc::from(term),
                 category: src.category.clone(),
@@ -411,8 +457,9 @@ impl Lexicon {
                 b.add(&joined, entry, true);
             }
             if !allow
-                && chars.len() >= 4
-                && chars.iter().all(|&(c, _)| c.is_ascii_lowercase())
+                && chars
+                    .iter()
+                    .all(|&(c, _)| c.is_ascii_lowercase() || c == ' ')
             {
                 let rank = PRIORITY
                     .iter()
@@ -421,33 +468,67 @@ impl Lexicon {
                 variants.push((rank, src.category.clone(), entry, chars));
             }
         }
-        // Self-censored variants: one or two inner letters (or, for short words, all inner
-        // letters) replaced by `*`. A variant never takes a pattern some entry already has.
+        // Self-censored variants. A single word of 4+ letters: one or two inner letters (or,
+        // for words of up to 6 letters, all inner letters) replaced by `*`. A phrase: one inner
+        // vowel of one of its 4+-letter words. A variant never takes a pattern some entry
+        // already has.
         variants.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for (_, _, entry, chars) in &variants {
             let n = chars.len();
-            for from in 1..n - 1 {
-                for to in from + 1..n {
-                    let width = to - from;
-                    if width > 2 && !(from == 1 && to == n - 1 && n <= 6) {
-                        continue;
+            let phrase = chars.iter().any(|&(c, _)| c == ' ');
+            // Each word as a range of `chars`.
+            let mut words = Vec::new();
+            let mut start = 0;
+            for (i, &(c, _)) in chars.iter().enumerate() {
+                if c == ' ' {
+                    words.push((start, i));
+                    start = i + 1;
+                }
+            }
+            words.push((start, n));
+            for &(ws, we) in &words {
+                let len = we - ws;
+                let letters: usize = chars[ws..we].iter().map(|&(_, r)| usize::from(r)).sum();
+                if letters < 4 || len < 3 {
+                    continue;
+                }
+                for from in ws + 1..we - 1 {
+                    for to in from + 1..we {
+                        let width = to - from;
+                        let allowed = if phrase {
+                            width == 1 && matches!(chars[from].0, 'a' | 'e' | 'i' | 'o' | 'u')
+                        } else {
+                            width <= 2 || (from == ws + 1 && to == we - 1 && len <= 6)
+                        };
+                        if !allowed {
+                            continue;
+                        }
+                        let stars = chars[from..to]
+                            .iter()
+                            .fold(0u8, |acc, &(_, r)| acc.saturating_add(r));
+                        let mut v = Vec::with_capacity(n);
+                        v.extend_from_slice(&chars[..from]);
+                        v.push(('*', stars));
+                        v.extend_from_slice(&chars[to..]);
+                        b.add(&v, *entry, false);
                     }
-                    let stars = chars[from..to]
-                        .iter()
-                        .fold(0u8, |acc, &(_, r)| acc.saturating_add(r));
-                    let mut v = Vec::with_capacity(n);
-                    v.extend_from_slice(&chars[..from]);
-                    v.push(('*', stars));
-                    v.extend_from_slice(&chars[to..]);
-                    b.add(&v, *entry, false);
                 }
             }
         }
         let blocking = b.entries.iter().filter(|e| !e.allow).count();
-        let ac = AhoCorasick::builder()
-            .match_kind(MatchKind::Standard)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&b.patterns)?;
+        let (mut latin, mut censored, mut other) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, p) in b.patterns.iter().enumerate() {
+            if !p.is_ascii() {
+                other.push(i);
+            } else if p.contains('*') {
+                censored.push(i);
+            } else {
+                latin.push(i);
+            }
+        }
+        let latin = Searcher::build(&b.patterns, latin)?;
+        let censored = Searcher::build_some(&b.patterns, censored)?;
+        let other = Searcher::build_some(&b.patterns, other)?;
         let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
         let mut cands = Vec::new();
         for list in b.pattern_cands {
@@ -457,7 +538,9 @@ impl Lexicon {
         }
         Ok(Lexicon {
             inner: Arc::new(Inner {
-                ac,
+                latin,
+                censored,
+                other,
                 pattern_cands,
                 cands,
                 entries: b.entries,
@@ -465,6 +548,93 @@ impl Lexicon {
                 blocking,
             }),
         })
+    }
+}
+
+/// One DFA over a subset of the patterns.
+struct Searcher {
+    /// The automaton (unanchored, standard semantics, no prefilter).
+    dfa: DFA,
+    /// Its pattern ids → indices into `Inner::pattern_cands`.
+    ids: Vec<u32>,
+}
+
+impl Searcher {
+    fn build_some(patterns: &[String], ids: Vec<usize>) -> Result<Option<Searcher>, LexiconError> {
+        if ids.is_empty() {
+            Ok(None)
+        } else {
+            Searcher::build(patterns, ids).map(Some)
+        }
+    }
+
+    fn build(patterns: &[String], ids: Vec<usize>) -> Result<Searcher, LexiconError> {
+        let dfa = DFA::builder()
+            .match_kind(MatchKind::Standard)
+            .start_kind(StartKind::Unanchored)
+            .prefilter(false)
+            .build(ids.iter().map(|&i| &patterns[i]))?;
+        Ok(Searcher {
+            dfa,
+            ids: ids.into_iter().map(|i| i as u32).collect(),
+        })
+    }
+}
+
+impl Inner {
+    /// Every occurrence of `searcher`'s patterns in the folded `bytes` that passes its
+    /// entry's boundary and run checks, into `raw` (blocking) or `allow`.
+    fn search(
+        &self,
+        searcher: &Searcher,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
+        // Overlapping search by hand: stepping the DFA directly keeps the loop monomorphic
+        // and free of per-match iterator state.
+        let dfa = &searcher.dfa;
+        let Ok(mut sid) = dfa.start_state(Anchored::No) else {
+            return;
+        };
+        let mut at = 0;
+        while at < bytes.len() {
+            // Tight loop until a special (match or dead) state.
+            while at < bytes.len() {
+                sid = dfa.next_state(Anchored::No, sid, bytes[at]);
+                at += 1;
+                if dfa.is_special(sid) {
+                    break;
+                }
+            }
+            if dfa.is_dead(sid) {
+                break;
+            }
+            if !dfa.is_match(sid) {
+                continue;
+            }
+            let e = at;
+            for k in 0..dfa.match_len(sid) {
+                let pid = dfa.match_pattern(sid, k);
+                let s = e - dfa.pattern_len(pid);
+                let (from, to) = self.pattern_cands[searcher.ids[pid.as_usize()] as usize];
+                for cand in &self.cands[from as usize..to as usize] {
+                    let entry = &self.entries[cand.entry as usize];
+                    if !bounds_ok(bytes, chains, s, e, entry)
+                        || !runs_ok(bytes, runs, s, &cand.runs, entry)
+                    {
+                        continue;
+                    }
+                    if entry.allow {
+                        allow.push((s, e));
+                    } else {
+                        raw.push((s, e, cand.entry));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -482,23 +652,23 @@ struct Build {
 }
 
 impl Build {
-    /// Adds the pattern spelled by `chars` (char, minimum run) for `entry`. A variant
-    /// (`exact == false`) is skipped when the pattern exists already.
+    /// Adds the pattern spelled by `chars` (char, run) for `entry`. A variant
+    /// (`exact == false`) is skipped when some entry has the same spelling and runs.
     fn add(&mut self, chars: &[(char, u8)], entry: u32, exact: bool) {
         let text: String = chars.iter().map(|&(c, _)| c).collect();
-        let runs = if chars.iter().all(|&(_, r)| r <= 1) {
-            None
-        } else {
-            Some(chars.iter().map(|&(_, r)| r).collect())
-        };
+        let runs: Box<[u8]> = chars.iter().map(|&(_, r)| r.max(1)).collect();
         let cand = Cand { entry, runs };
         match self.ids.get(&text) {
-            Some(&id) if exact => {
-                if !self.pattern_cands[id].iter().any(|c| c.entry == entry) {
-                    self.pattern_cands[id].push(cand);
+            Some(&id) => {
+                let cands = &mut self.pattern_cands[id];
+                // A variant is dropped when another entry already owns that exact spelling.
+                let taken = cands
+                    .iter()
+                    .any(|c| c.entry == entry || (!exact && c.runs == cand.runs));
+                if !taken {
+                    cands.push(cand);
                 }
             }
-            Some(_) => {}
             None => {
                 self.ids.insert(text.clone(), self.patterns.len());
                 self.patterns.push(text);
@@ -536,12 +706,19 @@ fn bounds_ok(bytes: &[u8], chains: &[(u32, u32)], s: usize, e: usize, entry: &En
     })
 }
 
-/// Whether every char of the occurrence at folded offset `s` stands for at least as many
-/// letters as the entry's spelling demands.
-fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8]) -> bool {
+/// Whether the run lengths of the occurrence at folded offset `s` fit the entry's: equal, or
+/// at least 3 in the text (emphasis: `fuuuck`, `asssss`). A doubled letter alone is a
+/// different word (`assess` is not `asses`, `as` is not `ass`), except at an open end of a
+/// `*` entry, where the word goes on (`shit*` hits `shitty`).
+fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8], entry: &Entry) -> bool {
     let mut i = s;
-    for &w in want {
-        if i >= runs.len() || runs[i] < w {
+    let last = want.len().saturating_sub(1);
+    for (k, &w) in want.iter().enumerate() {
+        let Some(&r) = runs.get(i) else {
+            return false;
+        };
+        let open = (k == 0 && !entry.bound_start) || (k == last && !entry.bound_end);
+        if r != w && (r < w || (r < 3 && !open)) {
             return false;
         }
         i += match bytes[i] {
@@ -634,7 +811,9 @@ fn parse_line(line: &str, allow: bool) -> Result<Option<Spec<'_>>, String> {
     let severity = fields.next();
     let sub = fields.next();
     if let Some(extra) = fields.next() {
-        return Err(format!("unexpected field {extra:?} (TERM | SEVERITY | SUB)"));
+        return Err(format!(
+            "unexpected field {extra:?} (TERM | SEVERITY | SUB)"
+        ));
     }
     if allow {
         if severity.is_some() {
@@ -675,8 +854,7 @@ fn parse_line(line: &str, allow: bool) -> Result<Option<Spec<'_>>, String> {
 
 fn is_name(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
@@ -736,7 +914,12 @@ mod tests {
     #[test]
     fn parse_errors_name_file_and_line() {
         let mut sources = Vec::new();
-        add_file(&mut sources, "en/profanity.txt", "# c\nfuck | high\nshit | bad\n").unwrap();
+        add_file(
+            &mut sources,
+            "en/profanity.txt",
+            "# c\nfuck | high\nshit | bad\n",
+        )
+        .unwrap();
         let err = Lexicon::build(sources).unwrap_err().to_string();
         assert!(err.starts_with("en/profanity.txt:3:"), "{err}");
         let mut sources = Vec::new();
@@ -744,7 +927,12 @@ mod tests {
         assert!(Lexicon::build(sources).is_err());
         let mut sources = Vec::new();
         add_file(&mut sources, "x.txt", "fuck | high\nFUCK | low\n").unwrap();
-        assert!(Lexicon::build(sources).unwrap_err().to_string().contains("duplicates line 1"));
+        assert!(
+            Lexicon::build(sources)
+                .unwrap_err()
+                .to_string()
+                .contains("duplicates line 1")
+        );
     }
 
     #[test]
@@ -754,7 +942,12 @@ mod tests {
             ("allow", "cumulative\n"),
             ("threat", "kill yourself | high\n"),
         ]);
-        let terms = |t: &str| l.scan(t).iter().map(|m| m.term.to_string()).collect::<Vec<_>>();
+        let terms = |t: &str| {
+            l.scan(t)
+                .iter()
+                .map(|m| m.term.to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(terms("assassin class as"), Vec::<String>::new());
         assert_eq!(terms("asssss"), ["ass"]);
         assert_eq!(terms("fuuuucking"), ["fuck"]);
@@ -765,5 +958,235 @@ mod tests {
         assert_eq!(terms("f**k"), ["fuck"]);
         let m = &l.scan("so f.u.c.k.i.n.g bad")[0];
         assert_eq!((m.start, m.end), (3, 16));
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    #[test]
+    #[ignore]
+    fn dump() {
+        let lex = super::Lexicon::embedded().unwrap();
+        eprintln!("{:?} {:?}", lex, lex.categories());
+        let input = std::fs::read_to_string("/tmp/dump.txt").unwrap();
+        for line in input.lines() {
+            let n = super::Normalized::of(line);
+            let ms = lex.scan(line);
+            eprintln!("{line:?}\n   norm={:?} chains={:?}", n.as_str(), n.chains());
+            for m in ms {
+                eprintln!(
+                    "   {} {} {:?} {:?} [{}..{}] {:?}",
+                    m.category,
+                    m.severity.as_str(),
+                    m.term,
+                    m.sub,
+                    m.start,
+                    m.end,
+                    &line[m.start..m.end]
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn profile_general() {
+        let corpus = include_str!("../../tests/data/text/chat_corpus.txt");
+        let lines: Vec<&str> = corpus.lines().filter_map(|l| l.split_once('\t')).map(|(_, t)| t).filter(|l| !(l.is_ascii() && !l.bytes().any(|b| b.is_ascii_digit() || b"@$`".contains(&b)))).collect();
+        let mut norm = super::Normalized::new();
+        for _ in 0..3000 { for l in &lines { norm.set_unmapped(l); } }
+    }
+
+    #[test]
+    #[ignore]
+    fn timing() {
+        let corpus = include_str!("../../tests/data/text/chat_corpus.txt");
+        let lines: Vec<&str> = corpus
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(_, t)| t)
+            .collect();
+        let bytes: usize = lines.iter().map(|l| l.len()).sum();
+        let lex = super::Lexicon::embedded().unwrap();
+        let mut scratch = super::Scratch::default();
+        let mut out = Vec::new();
+        let mut norm = super::Normalized::new();
+        let (mut best_n, mut best_s) = (f64::MAX, f64::MAX);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            for l in &lines {
+                norm.set(l);
+            }
+            best_n = best_n.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for l in &lines {
+                lex.scan_into(l, &mut scratch, &mut out);
+            }
+            best_s = best_s.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "normalize {:.1} MB/s, scan {:.1} MB/s",
+            bytes as f64 / best_n / 1e6,
+            bytes as f64 / best_s / 1e6
+        );
+        let joined = lines.join("\n");
+        let (mut best_n, mut best_s) = (f64::MAX, f64::MAX);
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            norm.set(&joined);
+            best_n = best_n.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            lex.scan_into(&joined, &mut scratch, &mut out);
+            best_s = best_s.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "one text: normalize {:.1} MB/s, scan {:.1} MB/s ({} matches)",
+            bytes as f64 / best_n / 1e6,
+            bytes as f64 / best_s / 1e6,
+            out.len()
+        );
+        let ascii: Vec<&str> = lines.iter().copied().filter(|l| l.is_ascii()).collect();
+        let abytes: usize = ascii.iter().map(|l| l.len()).sum();
+        let mut best = f64::MAX;
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            for l in &ascii {
+                norm.set(l);
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "ascii lines {}: normalize {:.1} MB/s",
+            ascii.len(),
+            abytes as f64 / best / 1e6
+        );
+        let mut best = f64::MAX;
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            for l in &lines {
+                norm.set_unmapped(l);
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let flagged = lines.iter().filter(|l| !lex.scan(l).is_empty()).count();
+        eprintln!(
+            "unmapped normalize {:.1} MB/s; {} of {} lines flagged",
+            bytes as f64 / best / 1e6,
+            flagged,
+            lines.len()
+        );
+        let norms: Vec<super::Normalized> = lines
+            .iter()
+            .map(|l| {
+                let mut n = super::Normalized::new();
+                n.set_unmapped(l);
+                n
+            })
+            .collect();
+        let nbytes: usize = norms.iter().map(|n| n.len()).sum();
+        let mut best = f64::MAX;
+        let (mut raw, mut allow) = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            for n in &norms {
+                raw.clear();
+                allow.clear();
+                lex.inner.search(
+                    &lex.inner.latin,
+                    n.as_bytes(),
+                    n.runs(),
+                    n.chains(),
+                    &mut raw,
+                    &mut allow,
+                );
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "latin search only: {:.1} MB/s of original ({} folded bytes)",
+            bytes as f64 / best / 1e6,
+            nbytes
+        );
+        let mut best = f64::MAX;
+        let mut sum = 0u64;
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            for n in &norms {
+                let dfa = &lex.inner.latin.dfa;
+                use aho_corasick::automaton::Automaton;
+                let mut sid = dfa.start_state(super::Anchored::No).unwrap();
+                for &b in n.as_bytes() {
+                    sid = dfa.next_state(super::Anchored::No, sid, b);
+                }
+                sum += sid.as_u32() as u64;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "bare dfa walk: {:.1} MB/s {}",
+            bytes as f64 / best / 1e6,
+            sum
+        );
+        let (mut cands, mut hits) = (0usize, 0usize);
+        for n in &norms {
+            let dfa = &lex.inner.latin.dfa;
+            use aho_corasick::automaton::Automaton;
+            let mut sid = dfa.start_state(super::Anchored::No).unwrap();
+            for &b in n.as_bytes() {
+                sid = dfa.next_state(super::Anchored::No, sid, b);
+                if dfa.is_match(sid) {
+                    cands += dfa.match_len(sid);
+                }
+            }
+            raw.clear();
+            allow.clear();
+            lex.inner.search(
+                &lex.inner.latin,
+                n.as_bytes(),
+                n.runs(),
+                n.chains(),
+                &mut raw,
+                &mut allow,
+            );
+            hits += raw.len() + allow.len();
+        }
+        eprintln!("pattern occurrences {cands}, passing {hits}");
+        for simple in [true, false] {
+            let sel: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| {
+                    (l.is_ascii() && !l.bytes().any(|b| b.is_ascii_digit() || b"@$`".contains(&b)))
+                        == simple
+                })
+                .collect();
+            let sb: usize = sel.iter().map(|l| l.len()).sum();
+            let mut best = f64::MAX;
+            for _ in 0..200 {
+                let t = std::time::Instant::now();
+                for l in &sel {
+                    norm.set_unmapped(l);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let mut best2 = f64::MAX;
+            for _ in 0..200 {
+                let t = std::time::Instant::now();
+                for l in &sel {
+                    norm.set(l);
+                }
+                best2 = best2.min(t.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "simple={simple}: {} lines {} bytes: unmapped {:.1} MB/s, mapped {:.1} MB/s",
+                sel.len(),
+                sb,
+                sb as f64 / best / 1e6,
+                sb as f64 / best2 / 1e6
+            );
+        }
     }
 }

@@ -16,7 +16,9 @@ use serde::Serialize;
 use std::sync::Arc;
 
 /// How bad a wordlist entry is. Ordered: `Low < Medium < High`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Mild language (e.g. "damn"): labelled, usually allowed.

@@ -49,8 +49,9 @@ const MAX_JOIN_GAP: u32 = 3;
 /// Reuse one value across messages ([`Normalized::set`]) to avoid allocation.
 #[derive(Debug, Default, Clone)]
 pub struct Normalized {
-    /// The folded text (see the module docs).
-    text: String,
+    /// The folded text (see the module docs); UTF-8 by construction (only whole chars are
+    /// pushed).
+    text: Vec<u8>,
     /// For each byte of `text`: byte offset in the original where the char it belongs to
     /// starts (always a char boundary of the original).
     starts: Vec<u32>,
@@ -61,6 +62,8 @@ pub struct Normalized {
     runs: Vec<u8>,
     /// Byte ranges of `text` that are joined single-letter chains (`f.u.c.k`).
     chains: Vec<(u32, u32)>,
+    /// Whether `starts`/`ends` were filled (see [`Normalized::set_unmapped`]).
+    mapped: bool,
     /// Scratch: the units of the token being read.
     units: Vec<Unit>,
     /// Scratch: lone letters waiting to be joined into a chain or emitted as words.
@@ -157,6 +160,34 @@ const fn ascii_class(b: u8) -> AsciiClass {
     AsciiClass { kind, ch, alt }
 }
 
+/// What an ASCII byte is to [`Normalized::fill_simple_ascii`].
+#[derive(Clone, Copy)]
+enum Simple {
+    Letter,
+    Separator,
+    Apostrophe,
+    /// A mark that only counts between letters (`! | + * # % ? ^`).
+    Mark,
+    /// Anything that needs the general path (digits, `@ $`, control chars, non-ASCII).
+    Other,
+}
+
+static SIMPLE: [Simple; 256] = {
+    let mut t = [Simple::Other; 256];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = match ascii_class(i as u8).kind {
+            Kind::Letter => Simple::Letter,
+            Kind::Space | Kind::Newline | Kind::Punct => Simple::Separator,
+            Kind::Joiner if i as u8 == b'\'' => Simple::Apostrophe,
+            Kind::LeetInner | Kind::Censor => Simple::Mark,
+            _ => Simple::Other,
+        };
+        i += 1;
+    }
+    t
+};
+
 static ASCII: [AsciiClass; 128] = {
     let mut t = [AsciiClass {
         kind: Kind::Punct,
@@ -203,7 +234,10 @@ fn is_plain_unspaced(c: char) -> bool {
 }
 
 fn is_apostrophe(c: char) -> bool {
-    matches!(c, '\u{2018}' | '\u{2019}' | '\u{201B}' | '\u{2032}' | '\u{02BC}' | '\u{FF07}')
+    matches!(
+        c,
+        '\u{2018}' | '\u{2019}' | '\u{201B}' | '\u{2032}' | '\u{02BC}' | '\u{FF07}'
+    )
 }
 
 fn is_newline(c: char) -> bool {
@@ -229,7 +263,7 @@ fn fold_special(c: char) -> Option<u8> {
             'ᴄ' => Some(b'c'),
             'ᴅ' => Some(b'd'),
             'ᴇ' => Some(b'e'),
-            'ꜰ' => Some(b'f'),
+            'ꜰ' | 'ƒ' => Some(b'f'),
             'ɢ' | 'ɡ' => Some(b'g'),
             'ʜ' => Some(b'h'),
             'ɪ' | 'ı' | 'ɩ' => Some(b'i'),
@@ -314,6 +348,18 @@ impl Normalized {
     /// Normalizes `text` into `self`, reusing its buffers. Text longer than
     /// [`MAX_TEXT_BYTES`] is cut at a char boundary.
     pub fn set(&mut self, text: &str) {
+        self.fill(text, true);
+    }
+
+    /// Like [`set`](Self::set) but without the offset map ([`original_range`](
+    /// Self::original_range) gives `None`): the cheap first pass of the lexicon, which maps
+    /// offsets only for messages that match.
+    pub fn set_unmapped(&mut self, text: &str) {
+        self.fill(text, false);
+    }
+
+    fn fill(&mut self, text: &str, map: bool) {
+        self.mapped = map;
         self.text.clear();
         self.starts.clear();
         self.ends.clear();
@@ -321,9 +367,16 @@ impl Normalized {
         self.chains.clear();
         self.units.clear();
         let text = clip(text, MAX_TEXT_BYTES);
+        if !map && self.fill_simple_ascii(text.as_bytes()) {
+            return;
+        }
+        self.text.clear();
+        self.runs.clear();
         self.text.reserve(text.len());
-        self.starts.reserve(text.len());
-        self.ends.reserve(text.len());
+        if map {
+            self.starts.reserve(text.len());
+            self.ends.reserve(text.len());
+        }
         self.runs.reserve(text.len());
         self.letters.clear();
         let mut b = Builder {
@@ -333,12 +386,95 @@ impl Normalized {
             gap_newline: false,
             last_unspaced: false,
             last_char: None,
+            map,
         };
         b.run(text);
     }
 
+    /// Fast path of [`set_unmapped`](Self::set_unmapped) for the common message: ASCII
+    /// letters, whitespace and punctuation (plus inner apostrophes and trailing `!?*...`),
+    /// without two one-letter words in a row. Gives exactly what the general path gives, in
+    /// one tight loop; returns `false` (leaving garbage in `text`/`runs`) for any other
+    /// message.
+    fn fill_simple_ascii(&mut self, bytes: &[u8]) -> bool {
+        let (text, runs) = (&mut self.text, &mut self.runs);
+        text.clear();
+        runs.clear();
+        text.reserve(bytes.len());
+        runs.reserve(bytes.len());
+        // The run of the last char pushed to `text` is kept here and pushed to `runs` when
+        // the next char starts, so the loop never reads back what it just wrote.
+        let mut run = 1u8;
+        let mut in_word = false;
+        let mut last = 0u8;
+        let mut word_letters = 0u32;
+        let mut prev_single = false;
+        for (i, &b) in bytes.iter().enumerate() {
+            match SIMPLE[usize::from(b)] {
+                Simple::Letter => {
+                    let c = b | 0x20;
+                    if in_word && c == last {
+                        run = run.saturating_add(1);
+                    } else {
+                        if !text.is_empty() {
+                            runs.push(run);
+                        }
+                        text.push(c);
+                        run = 1;
+                        last = c;
+                        in_word = true;
+                    }
+                    word_letters += 1;
+                    continue;
+                }
+                Simple::Apostrophe => {
+                    // Between letters it vanishes (`don't`); otherwise it separates.
+                    if in_word && bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic) {
+                        continue;
+                    }
+                }
+                Simple::Mark => {
+                    // `sh!t`, `f*ck`: inner marks need the general path.
+                    if bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic) {
+                        return false;
+                    }
+                }
+                Simple::Separator => {}
+                Simple::Other => return false,
+            }
+            if in_word {
+                let single = word_letters == 1;
+                if single && prev_single {
+                    // Possibly a `f u c k` chain.
+                    return false;
+                }
+                prev_single = single;
+                runs.push(run);
+                text.push(b' ');
+                run = 1;
+                in_word = false;
+                word_letters = 0;
+            }
+        }
+        if in_word {
+            if word_letters == 1 && prev_single {
+                return false;
+            }
+            runs.push(run);
+        } else if text.last() == Some(&b' ') {
+            text.pop();
+        }
+        true
+    }
+
     /// The folded text.
     pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text)
+            .expect("the folded text is built from whole chars. This is a bug.")
+    }
+
+    /// The folded text as bytes (what the lexicon searches).
+    pub fn as_bytes(&self) -> &[u8] {
         &self.text
     }
 
@@ -355,7 +491,7 @@ impl Normalized {
     /// The byte range of the original text that the folded byte range `norm` came from
     /// (char boundaries of the original), or `None` if `norm` is empty or out of bounds.
     pub fn original_range(&self, norm: Range<usize>) -> Option<Range<usize>> {
-        if norm.start >= norm.end || norm.end > self.text.len() {
+        if !self.mapped || norm.start >= norm.end || norm.end > self.text.len() {
             return None;
         }
         Some(self.starts[norm.start] as usize..self.ends[norm.end - 1] as usize)
@@ -390,7 +526,7 @@ fn clip(text: &str, max: usize) -> &str {
 pub fn normalize(text: &str) -> String {
     let mut n = Normalized::new();
     n.set(text);
-    n.text
+    String::from_utf8(n.text).expect("the folded text is built from whole chars. This is a bug.")
 }
 
 /// The normalizer's state while it walks one text.
@@ -407,6 +543,8 @@ struct Builder<'a> {
     last_unspaced: bool,
     /// The last emitted char, if nothing (no space) has been emitted after it.
     last_char: Option<char>,
+    /// Whether to fill the offset map.
+    map: bool,
 }
 
 impl Builder<'_> {
@@ -415,21 +553,146 @@ impl Builder<'_> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
-            if b < 0x80 {
-                let pos = i as u32;
-                self.ascii(b, pos, pos + 1);
-                i += 1;
-            } else {
+            if b >= 0x80 {
                 let Some(c) = text[i..].chars().next() else {
                     break;
                 };
                 let end = i + c.len_utf8();
                 self.non_ascii(c, i as u32, end as u32);
                 i = end;
+                continue;
             }
+            if self.n.units.is_empty() {
+                match ASCII[usize::from(b)].kind {
+                    Kind::Space | Kind::Punct => {
+                        self.gap_char(char::from(b), false);
+                        i += 1;
+                        continue;
+                    }
+                    Kind::Newline => {
+                        self.gap_char('\n', true);
+                        i += 1;
+                        continue;
+                    }
+                    Kind::Letter => {
+                        if let Some(next) = self.plain_word(bytes, i) {
+                            i = next;
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let pos = i as u32;
+            self.ascii(b, pos, pos + 1);
+            i += 1;
         }
         self.end_token();
         self.flush_letters();
+    }
+
+    /// A separator char outside any token.
+    fn gap_char(&mut self, c: char, newline: bool) {
+        if self.gap == 0 {
+            self.gap_first = c;
+        }
+        self.gap = self.gap.saturating_add(1);
+        self.gap_newline |= newline;
+    }
+
+    /// Fast path for the common token: ASCII letters (with inner apostrophes, `don't`) and
+    /// maybe trailing `!?*#...`, ending at ASCII whitespace/punctuation or the end of the text.
+    /// Emits it and returns where the text goes on, or `None` (nothing done) for any other
+    /// token.
+    fn plain_word(&mut self, bytes: &[u8], start: usize) -> Option<usize> {
+        let mut j = start + 1;
+        let mut apostrophes = false;
+        loop {
+            while j < bytes.len() && bytes[j].is_ascii_alphabetic() {
+                j += 1;
+            }
+            if j + 1 < bytes.len() && bytes[j] == b'\'' && bytes[j + 1].is_ascii_alphabetic() {
+                apostrophes = true;
+                j += 2;
+                continue;
+            }
+            break;
+        }
+        // Trailing marks that only count between letters: dropped.
+        let mut k = j;
+        while k < bytes.len()
+            && matches!(
+                bytes[k],
+                b'!' | b'|' | b'+' | b'*' | b'#' | b'%' | b'?' | b'^'
+            )
+        {
+            k += 1;
+        }
+        let ends = bytes.get(k).is_none_or(|&n| {
+            n < 0x80
+                && matches!(
+                    ASCII[usize::from(n)].kind,
+                    Kind::Space | Kind::Punct | Kind::Newline
+                )
+        });
+        if !ends {
+            return None;
+        }
+        let word = &bytes[start..j];
+        if word.len() == 1 {
+            let pos = start as u32;
+            self.lone_letter(char::from(word[0] | 0x20), pos, pos + 1);
+        } else {
+            self.flush_letters();
+            if !self.n.text.is_empty() {
+                self.space();
+            }
+            let n = &mut *self.n;
+            let mut last = 0u8;
+            for (pos, &b) in (start as u32..).zip(word) {
+                if apostrophes && b == b'\'' {
+                    continue;
+                }
+                let c = b | 0x20;
+                if c == last {
+                    let k = n.text.len() - 1;
+                    n.runs[k] = n.runs[k].saturating_add(1);
+                    if self.map {
+                        n.ends[k] = pos + 1;
+                    }
+                } else {
+                    n.text.push(c);
+                    n.runs.push(1);
+                    if self.map {
+                        n.starts.push(pos);
+                        n.ends.push(pos + 1);
+                    }
+                    last = c;
+                }
+            }
+            self.last_char = Some(char::from(last));
+            self.last_unspaced = false;
+        }
+        self.gap = 0;
+        self.gap_first = '\0';
+        self.gap_newline = false;
+        Some(k)
+    }
+
+    /// A token that folded to one letter: it waits in `letters` for its neighbours.
+    fn lone_letter(&mut self, ch: char, start: u32, end: u32) {
+        let short_gap = self.gap <= MAX_JOIN_GAP && !self.gap_newline;
+        if !short_gap {
+            self.flush_letters();
+        }
+        let gap = (self.gap_first, self.gap.min(u32::from(u8::MAX)) as u8);
+        self.n.letters.push(Letter {
+            ch,
+            start,
+            end,
+            gap,
+            join: false,
+        });
     }
 
     fn ascii(&mut self, b: u8, start: u32, end: u32) {
@@ -535,11 +798,7 @@ impl Builder<'_> {
 
     fn separator(&mut self, c: char, newline: bool) {
         self.end_token();
-        if self.gap == 0 {
-            self.gap_first = c;
-        }
-        self.gap = self.gap.saturating_add(1);
-        self.gap_newline |= newline;
+        self.gap_char(c, newline);
     }
 
     /// Decides what the units of the token just read emit, and emits them (a lone letter
@@ -556,6 +815,9 @@ impl Builder<'_> {
         let mut last_alnum = 0;
         for (i, u) in units.iter().enumerate() {
             match u.kind {
+                // Unspaced-script letters become their own word; they do not decide
+                // look-alike folding for the Latin/Cyrillic/Greek part.
+                Kind::Letter if is_unspaced(u.ch) => has_letter = true,
                 Kind::Letter => {
                     has_letter = true;
                     if u.ch.is_ascii() {
@@ -583,9 +845,13 @@ impl Builder<'_> {
         let fold_lookalikes = has_latin || all_lookalike;
         let mut count = 0usize;
         let mut first = 0;
+        let mut prev_unspaced = false;
         for (i, u) in units.iter_mut().enumerate() {
             let inner = first_alnum < i && i < last_alnum;
+            let unspaced = u.kind == Kind::Letter && is_unspaced(u.ch);
             u.ch = match u.kind {
+                // `傻*逼`: a mark after an unspaced-script letter is a separator.
+                Kind::Censor if prev_unspaced => '\0',
                 Kind::Letter if fold_lookalikes && u.alt != '\0' => u.alt,
                 Kind::Letter => u.ch,
                 Kind::Digit if has_letter => u.alt,
@@ -594,6 +860,9 @@ impl Builder<'_> {
                 Kind::LeetInner | Kind::Censor if has_letter && inner => u.alt,
                 _ => '\0',
             };
+            if matches!(u.kind, Kind::Letter | Kind::Digit) {
+                prev_unspaced = unspaced;
+            }
             if u.ch != '\0' {
                 if count == 0 {
                     first = i;
@@ -606,21 +875,10 @@ impl Builder<'_> {
         if count == 1 && head.ch.is_alphabetic() && !is_unspaced(head.ch) {
             // A lone letter: maybe part of `f.u.c.k`.
             units.clear();
-            if !short_gap {
-                self.flush_letters();
-            }
-            let gap = (self.gap_first, self.gap.min(u32::from(u8::MAX)) as u8);
-            self.n.letters.push(Letter {
-                ch: head.ch,
-                start: head.start,
-                end: head.end,
-                gap,
-                join: false,
-            });
+            self.lone_letter(head.ch, head.start, head.end);
         } else {
             self.flush_letters();
-            if self.n.text.is_empty() || (is_unspaced(head.ch) && self.last_unspaced && short_gap)
-            {
+            if self.n.text.is_empty() || (is_unspaced(head.ch) && self.last_unspaced && short_gap) {
                 // Start of text, or unspaced script continued across a short gap.
             } else {
                 self.space();
@@ -643,6 +901,9 @@ impl Builder<'_> {
     /// equal gaps join their letters (`f.u.c.k`); a single gap joins its two letters only
     /// when neither belongs to such a run (`a f.u.c.k` → `a fuck`).
     fn flush_letters(&mut self) {
+        if self.n.letters.is_empty() {
+            return;
+        }
         let mut letters = std::mem::take(&mut self.n.letters);
         let k = letters.len();
         let mut i = 1;
@@ -652,7 +913,9 @@ impl Builder<'_> {
                 j += 1;
             }
             if j > i {
-                for l in &mut letters[i..=j] {
+                // A letter already chained leftwards does not also join this run.
+                let from = if letters[i - 1].join { i + 1 } else { i };
+                for l in &mut letters[from..=j] {
                     l.join = true;
                 }
             } else {
@@ -689,11 +952,13 @@ impl Builder<'_> {
     }
 
     fn space(&mut self) {
-        let at = self.n.ends.last().copied().unwrap_or(0);
-        self.n.text.push(' ');
-        self.n.starts.push(at);
-        self.n.ends.push(at);
+        self.n.text.push(b' ');
         self.n.runs.push(1);
+        if self.map {
+            let at = self.n.ends.last().copied().unwrap_or(0);
+            self.n.starts.push(at);
+            self.n.ends.push(at);
+        }
         self.last_char = None;
     }
 
@@ -706,8 +971,10 @@ impl Builder<'_> {
                 for r in &mut n.runs[from..] {
                     *r = r.saturating_add(1);
                 }
-                for e in &mut n.ends[from..] {
-                    *e = end;
+                if self.map {
+                    for e in &mut n.ends[from..] {
+                        *e = end;
+                    }
                 }
                 return;
             }
@@ -716,11 +983,14 @@ impl Builder<'_> {
             }
         }
         let n = &mut *self.n;
-        n.text.push(c);
+        let mut buf = [0; 4];
+        n.text.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
         for _ in 0..c.len_utf8() {
-            n.starts.push(start);
-            n.ends.push(end);
             n.runs.push(1);
+            if self.map {
+                n.starts.push(start);
+                n.ends.push(end);
+            }
         }
         self.last_char = Some(c);
         self.last_unspaced = unspaced;
@@ -777,6 +1047,8 @@ mod tests {
         assert_eq!(n("f u c k you"), "fuck you");
         assert_eq!(n("你 是 傻 逼 bitch"), "你是傻逼 bitch");
         assert_eq!(n("你是bitch"), "你是 bitch");
+        assert_eq!(n("傻*逼"), "傻逼");
+        assert_eq!(n("f.u.c.k.i.n.g i d i o t"), "fucking idiot");
     }
 
     #[test]

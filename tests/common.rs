@@ -1,0 +1,96 @@
+//! Helpers shared by the end-to-end test modules: the real server on port 0 and a WebSocket
+//! client. (tests/e2e.rs predates this module and keeps its own copies.)
+
+use chatguard::config::{Config, RawConfig};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_util::sync::CancellationToken;
+
+/// A client connection.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The token every test server accepts (tenant `acme`).
+pub const TOKEN: &str = "test-token-acme";
+
+/// A running server; stop it with [`Server::stop`].
+pub struct Server {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Cancels the server.
+    shutdown: CancellationToken,
+    /// The server task.
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Starts a server with the text model off (unless `edit` turns it on) and one token.
+    pub async fn start(edit: impl FnOnce(&mut RawConfig)) -> Server {
+        let mut raw = RawConfig::default();
+        raw.text_model.enabled = false;
+        raw.auth.tokens.insert(TOKEN.into(), "acme".into());
+        edit(&mut raw);
+        let config = Config::build(raw).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chatguard::server::run(listener, config, shutdown.clone()));
+        Server {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Connects with [`TOKEN`].
+    pub async fn connect(&self) -> Ws {
+        let mut req = format!("ws://{}/v1/ws", self.addr)
+            .into_client_request()
+            .expect("valid url");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {TOKEN}").parse().expect("header"),
+        );
+        connect_async(req).await.expect("connect").0
+    }
+
+    /// Shuts the server down and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops within 10s")
+            .expect("server task did not panic")
+            .expect("server returned Ok");
+    }
+}
+
+/// Sends a JSON text frame.
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// Sends a binary frame.
+pub async fn send_binary(ws: &mut Ws, bytes: Vec<u8>) {
+    ws.send(Message::binary(bytes)).await.expect("send binary");
+}
+
+/// Next JSON text frame (any other frame fails the test).
+pub async fn recv(ws: &mut Ws) -> Value {
+    let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("reply within 30s")
+        .expect("stream open")
+        .expect("frame ok");
+    match msg {
+        Message::Text(t) => serde_json::from_str(t.as_str()).expect("reply is JSON"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
