@@ -20,7 +20,6 @@ run: models build
 # stopped afterwards even on failure): scripts/with-test-redis.sh sets CHATGUARD_TEST_REDIS_URL.
 test: models
 	bash scripts/with-test-redis.sh $(CARGO) test --all-features --lib --bins --tests
-	$(CARGO) bench --no-run
 
 bench: models
 	$(CARGO) bench

@@ -95,6 +95,9 @@ enum HashlistCommand {
     },
 }
 
+/// Where `serve` keeps the behaviour snapshot when the config names none.
+const DEFAULT_STATE_DIR: &str = "chatguard-state";
+
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     let mut raw = match path {
         Some(p) => RawConfig::from_file(p)?,
@@ -167,6 +170,15 @@ async fn serve(
     }
     if let Some(addr) = admin_listen {
         config.admin.listen = addr;
+    }
+    // The server must not forget sanctions on restart: without a configured snapshot, keep
+    // one in ./chatguard-state (the library default stays off, for embedders and tests).
+    if config.behaviour.snapshot_path.is_none() {
+        let dir = PathBuf::from(DEFAULT_STATE_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!("cannot create {DEFAULT_STATE_DIR}/ (set behaviour.snapshot_path)")
+        })?;
+        config.behaviour.snapshot_path = Some(dir.join("behaviour.snapshot"));
     }
     let addr = config.server.listen;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -33,6 +33,8 @@ impl Server {
     pub async fn start(edit: impl FnOnce(&mut RawConfig)) -> Server {
         let mut raw = RawConfig::default();
         raw.text_model.enabled = false;
+        // Decode deadlines are for release builds; a debug build on a busy machine is slower.
+        raw.image.decode_timeout_ms = 60_000;
         raw.auth.tokens.insert(TOKEN.into(), "acme".into());
         edit(&mut raw);
         let config = Config::build(raw).expect("test config is valid");

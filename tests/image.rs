@@ -80,14 +80,25 @@ fn classifier() -> ImageClassifier {
 }
 
 fn make_stage(edit: impl FnOnce(&mut ImageConfig), model: ImageModel) -> ImageStage {
-    let mut cfg = ImageConfig::default();
+    let mut cfg = ImageConfig {
+        decode_timeout_ms: 60_000,
+        ..Default::default()
+    };
     edit(&mut cfg);
     cfg.validate().expect("test image config is valid");
     ImageStage::new(&cfg, model).expect("hash lists load")
 }
 
+/// Default limits with a decode deadline that a debug build on a busy machine meets.
+fn test_limits() -> DecodeLimits {
+    DecodeLimits {
+        timeout: Duration::from_secs(60),
+        ..DecodeLimits::default()
+    }
+}
+
 fn decode_ok(bytes: &[u8]) -> DecodedImage {
-    decode::decode(bytes, &DecodeLimits::default()).expect("decodes")
+    decode::decode(bytes, &test_limits()).expect("decodes")
 }
 
 /// Bitwise CRC-32 (zlib's), for PNG chunks and the fixture's pixel checksums.
@@ -158,7 +169,7 @@ fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
 }
 
 fn hash_of(bytes: &[u8]) -> PHash {
-    chatguard::image::phash_of(bytes, &DecodeLimits::default()).expect("hashable")
+    chatguard::image::phash_of(bytes, &test_limits()).expect("hashable")
 }
 
 /// The resize matches PIL bit for bit on PNGs, the probabilities match Python onnxruntime
@@ -176,8 +187,8 @@ fn parity_with_python_reference() {
         let crc = crc32(frame);
         let mut sums = [0u64; 3];
         for px in frame.chunks_exact(3) {
-            for c in 0..3 {
-                sums[c] += u64::from(px[c]);
+            for (sum, &v) in sums.iter_mut().zip(px) {
+                *sum += u64::from(v);
             }
         }
         if decoded.format == ImageFormat::Png && crc != case.resized_crc32 {
@@ -186,9 +197,8 @@ fn parity_with_python_reference() {
                 case.file, case.resized_channel_sums
             ));
         }
-        for c in 0..3 {
-            let mean_diff =
-                (sums[c] as f64 - case.resized_channel_sums[c] as f64).abs() / (224.0 * 224.0);
+        for (c, (&ours, &theirs)) in sums.iter().zip(&case.resized_channel_sums).enumerate() {
+            let mean_diff = (ours as f64 - theirs as f64).abs() / (224.0 * 224.0);
             if mean_diff > 0.5 {
                 failures.push(format!(
                     "{}: channel {c} mean differs by {mean_diff:.3} from PIL",
@@ -293,9 +303,14 @@ async fn bad_inputs_get_a_clear_per_image_error() {
         .position(|w| w == [0xFF, 0xC0])
         .expect("baseline JPEG has SOF0");
     huge_jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
-    // A GIF whose logical screen claims 60000×60000.
+    // A GIF whose logical screen claims 60000×60000 around one 1×1 frame.
     let mut huge_gif = b"GIF89a".to_vec();
-    huge_gif.extend([0x60, 0xEA, 0x60, 0xEA, 0x00, 0x00, 0x00, 0x3B]);
+    huge_gif.extend([
+        0x60, 0xEA, 0x60, 0xEA, 0x80, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0, 0, 0,
+    ]);
+    huge_gif.extend([
+        0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3B,
+    ]);
     let cases: Vec<(&str, ImageInput, &str)> = vec![
         (
             "junk bytes",
@@ -401,7 +416,7 @@ async fn bad_inputs_get_a_clear_per_image_error() {
 /// Every prefix of a JPEG and a PNG fails cleanly (no panic, no grey-filled picture).
 #[test]
 fn every_truncation_fails_cleanly() {
-    let limits = DecodeLimits::default();
+    let limits = test_limits();
     for name in ["rocket.jpg", "chelsea.png"] {
         let bytes = photo(name);
         for cut in (0..bytes.len()).step_by(bytes.len() / 40) {
@@ -433,10 +448,18 @@ fn large_images_are_downscaled_not_rejected() {
     let limits = DecodeLimits {
         max_pixels: 3_000_000,
         max_animation_pixels: 3_000_000,
-        ..Default::default()
+        ..test_limits()
     };
     let err = decode::decode(&bytes, &limits).expect_err("over max_pixels");
     assert!(err.to_string().contains("image.max_pixels"), "{err}");
+    // A decode past its deadline is an error, not a hang.
+    let png = encode_png(&DynamicImage::ImageRgb8(big));
+    let limits = DecodeLimits {
+        timeout: Duration::from_millis(1),
+        ..test_limits()
+    };
+    let err = decode::decode(&png, &limits).expect_err("past the deadline");
+    assert!(err.to_string().contains("image.decode_timeout_ms"), "{err}");
 }
 
 /// A JPEG whose EXIF says "rotate 90° clockwise" is classified upright.
@@ -517,7 +540,7 @@ fn animated_gif_classifies_first_and_sampled_frames() {
     // A frame budget stops decoding early but keeps the first frame.
     let limits = DecodeLimits {
         max_decoded_frames: 3,
-        ..Default::default()
+        ..test_limits()
     };
     let capped = decode::decode(&gif, &limits).expect("decodes");
     assert_eq!(capped.frames_decoded, 3);
@@ -527,7 +550,7 @@ fn animated_gif_classifies_first_and_sampled_frames() {
 /// list stores for the original (its hash and its crop variants); unrelated photos do not.
 #[test]
 fn phash_survives_edits_and_separates_photos() {
-    let limits = DecodeLimits::default();
+    let limits = test_limits();
     let mut failures = Vec::new();
     let mut listed = Vec::new();
     for name in PHOTOS {
@@ -600,8 +623,7 @@ async fn hash_lists_decide_without_the_model() {
     let allow = dir.path().join("allow.txt");
     let coffee = photo("coffee.png");
     let camera = photo("camera.png");
-    for (variant, hash) in hashlist::list_hashes(&coffee, &DecodeLimits::default()).expect("hashes")
-    {
+    for (variant, hash) in hashlist::list_hashes(&coffee, &test_limits()).expect("hashes") {
         hashlist::append_entry(&block, hash, "porn/known_set", variant).expect("write");
     }
     hashlist::append_entry(&allow, hash_of(&camera), "other", "camera.png").expect("write");
@@ -660,7 +682,7 @@ async fn hash_lists_decide_without_the_model() {
         64,
         image::Rgb([9, 9, 9]),
     )));
-    assert!(chatguard::image::phash_of(&flat, &DecodeLimits::default()).is_err());
+    assert!(chatguard::image::phash_of(&flat, &test_limits()).is_err());
 }
 
 #[tokio::test]

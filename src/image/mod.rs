@@ -107,7 +107,7 @@ impl Default for ImageConfig {
             model_path: None,
             ort_dylib_path: None,
             intra_threads: 2,
-            max_batch_size: 8,
+            max_batch_size: 4,
             queue_capacity: 256,
             queue_timeout_ms: 2_000,
             decode_threads: 2,

@@ -5,14 +5,18 @@
 //! at startup from the wordlists compiled into the binary ([`Lexicon::embedded`]) or from a
 //! directory with the same layout ([`Lexicon::from_dir`]).
 //!
-//! How it matches: the text is folded by [`super::normalize`]; one aho-corasick automaton over
-//! the folded entries reports every (overlapping) occurrence; each occurrence is then checked
+//! How it matches: the text is folded by [`super::normalize`]; aho-corasick DFAs over the
+//! folded entries (one for plain letters, and ones for `*`-censored variants, digits and
+//! non-ASCII entries that only run when the text holds such chars) report every
+//! (overlapping) occurrence; each occurrence is then checked
 //! against its entry's word-boundary rule (whole word unless the entry says `*`; unspaced
 //! scripts such as Chinese match anywhere) and run lengths (`fuuuck` matches `fuck`, `as`
-//! does not match `ass`). Occurrences inside an allowlist match (`cumulative`, `cocktail`) are
+//! does not match `ass`). Occurrences inside an allowlist match (`cumulative`, `shiitake`) are
 //! dropped. The file format is documented in `wordlists/README.md`.
 
-use super::normalize::{MAX_TEXT_BYTES, Normalized, is_unspaced};
+use super::normalize::{
+    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced,
+};
 use super::{Match, Severity};
 use aho_corasick::automaton::Automaton;
 use aho_corasick::dfa::DFA;
@@ -122,6 +126,10 @@ struct Inner {
     latin: Searcher,
     /// DFA over the self-censored variants (`f*ck`); run only on text holding a `*`.
     censored: Option<Searcher>,
+    /// DFA over the ASCII patterns holding digits (`1488`); run only on text holding a digit.
+    /// With `*` and digits elsewhere, `latin` has at most 32 byte classes (letters, space,
+    /// the rest), so its rows are half as wide.
+    digits: Option<Searcher>,
     /// DFA over the patterns with non-ASCII chars (CJK...); run only on non-ASCII text.
     other: Option<Searcher>,
     /// Per pattern id: the range of `cands` to check.
@@ -188,6 +196,8 @@ pub struct Scratch {
     raw: Vec<(usize, usize, u32)>,
     /// Folded ranges of allowlist matches.
     allow: Vec<(usize, usize)>,
+    /// Per category: furthest match end so far (dedup in `finish`).
+    reach: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Lexicon {
@@ -199,6 +209,7 @@ impl std::fmt::Debug for Lexicon {
                 &[
                     Some(&self.inner.latin),
                     self.inner.censored.as_ref(),
+                    self.inner.digits.as_ref(),
                     self.inner.other.as_ref(),
                 ]
                 .map(|s| s.map_or(0, |s| s.dfa.memory_usage())),
@@ -323,12 +334,12 @@ impl Lexicon {
             self.scan_chunk(&rest[..len], offset, scratch, out);
             offset += len;
         }
-        finish(text, out);
+        finish(text, out, &mut scratch.reach);
     }
 
     fn scan_chunk(&self, text: &str, offset: usize, scratch: &mut Scratch, out: &mut Vec<Match>) {
         let inner = &*self.inner;
-        scratch.norm.set_unmapped(text);
+        scratch.norm.set(text);
         scratch.raw.clear();
         scratch.allow.clear();
         let norm = &scratch.norm;
@@ -337,23 +348,18 @@ impl Lexicon {
         let chains = norm.chains();
         let (raw, allow) = (&mut scratch.raw, &mut scratch.allow);
         inner.search(&inner.latin, bytes, runs, chains, raw, allow);
-        if let Some(censored) = &inner.censored
-            && bytes.contains(&b'*')
-        {
-            inner.search(censored, bytes, runs, chains, raw, allow);
+        let gated = [
+            (&inner.censored, HAS_STAR),
+            (&inner.digits, HAS_DIGIT),
+            (&inner.other, HAS_NON_ASCII),
+        ];
+        for (searcher, bit) in gated {
+            if let Some(searcher) = searcher
+                && norm.has() & bit != 0
+            {
+                inner.search(searcher, bytes, runs, chains, raw, allow);
+            }
         }
-        if let Some(other) = &inner.other
-            && !bytes.is_ascii()
-        {
-            inner.search(other, bytes, runs, chains, raw, allow);
-        }
-        if scratch.raw.is_empty() {
-            return;
-        }
-        // Something matched: fold again, this time with the offset map (same folded text).
-        scratch.norm.set(text);
-        let norm = &scratch.norm;
-        let bytes = norm.as_bytes();
         for &(s, e, idx) in &scratch.raw {
             if scratch.allow.iter().any(|&(a, b)| a <= s && e <= b) {
                 continue;
@@ -395,6 +401,7 @@ impl Lexicon {
         let mut b = Build::default();
         let mut variants = Vec::new();
         let mut seen: HashMap<(Arc<str>, String), usize> = HashMap::new();
+        let mut categories: HashMap<String, Arc<str>> = HashMap::new();
         for src in &sources {
             let err = |reason: String| LexiconError::Entry {
                 file: src.file.to_string(),
@@ -430,9 +437,14 @@ impl Lexicon {
                     spec.term
                 )));
             }
+            // One shared `Arc` per category name, so matches compare categories by pointer.
+            let category = categories
+                .entry(src.category.to_string())
+                .or_insert_with(|| src.category.clone())
+                .clone();
             b.entries.push(Entry {
                 term: Arc::from(term),
-                category: src.category.clone(),
+                category,
                 sub: spec.sub.map(Arc::from),
                 severity: spec.severity,
                 allow,
@@ -516,18 +528,21 @@ impl Lexicon {
             }
         }
         let blocking = b.entries.iter().filter(|e| !e.allow).count();
-        let (mut latin, mut censored, mut other) = (Vec::new(), Vec::new(), Vec::new());
+        let [mut latin, mut censored, mut digits, mut other] = [(); 4].map(|()| Vec::new());
         for (i, p) in b.patterns.iter().enumerate() {
             if !p.is_ascii() {
                 other.push(i);
             } else if p.contains('*') {
                 censored.push(i);
+            } else if p.bytes().any(|b| b.is_ascii_digit()) {
+                digits.push(i);
             } else {
                 latin.push(i);
             }
         }
         let latin = Searcher::build(&b.patterns, latin)?;
         let censored = Searcher::build_some(&b.patterns, censored)?;
+        let digits = Searcher::build_some(&b.patterns, digits)?;
         let other = Searcher::build_some(&b.patterns, other)?;
         let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
         let mut cands = Vec::new();
@@ -540,6 +555,7 @@ impl Lexicon {
             inner: Arc::new(Inner {
                 latin,
                 censored,
+                digits,
                 other,
                 pattern_cands,
                 cands,
@@ -732,7 +748,7 @@ fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8], entry: &Entry) -> b
 }
 
 /// Sorts, removes covered same-category duplicates and fills in char offsets.
-fn finish(text: &str, out: &mut Vec<Match>) {
+fn finish(text: &str, out: &mut Vec<Match>, reach: &mut Vec<(usize, usize)>) {
     if out.is_empty() {
         return;
     }
@@ -744,16 +760,20 @@ fn finish(text: &str, out: &mut Vec<Match>) {
             .then(b.term.len().cmp(&a.term.len()))
             .then_with(|| a.term.cmp(&b.term))
     });
-    let mut reach: Vec<(Arc<str>, usize)> = Vec::new();
-    out.retain(|m| match reach.iter_mut().find(|(c, _)| *c == m.category) {
-        Some((_, end)) if *end >= m.end => false,
-        Some((_, end)) => {
-            *end = m.end;
-            true
-        }
-        None => {
-            reach.push((m.category.clone(), m.end));
-            true
+    // Per category (by `Arc` pointer: one `Arc` per category name): the furthest end so far.
+    reach.clear();
+    out.retain(|m| {
+        let category = Arc::as_ptr(&m.category).cast::<u8>() as usize;
+        match reach.iter_mut().find(|(c, _)| *c == category) {
+            Some((_, end)) if *end >= m.end => false,
+            Some((_, end)) => {
+                *end = m.end;
+                true
+            }
+            None => {
+                reach.push((category, m.end));
+                true
+            }
         }
     });
     let (mut byte, mut chars) = (0, 0);
@@ -958,235 +978,5 @@ mod tests {
         assert_eq!(terms("f**k"), ["fuck"]);
         let m = &l.scan("so f.u.c.k.i.n.g bad")[0];
         assert_eq!((m.start, m.end), (3, 16));
-    }
-}
-
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump() {
-        let lex = super::Lexicon::embedded().unwrap();
-        eprintln!("{:?} {:?}", lex, lex.categories());
-        let input = std::fs::read_to_string("/tmp/dump.txt").unwrap();
-        for line in input.lines() {
-            let n = super::Normalized::of(line);
-            let ms = lex.scan(line);
-            eprintln!("{line:?}\n   norm={:?} chains={:?}", n.as_str(), n.chains());
-            for m in ms {
-                eprintln!(
-                    "   {} {} {:?} {:?} [{}..{}] {:?}",
-                    m.category,
-                    m.severity.as_str(),
-                    m.term,
-                    m.sub,
-                    m.start,
-                    m.end,
-                    &line[m.start..m.end]
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore]
-    fn profile_general() {
-        let corpus = include_str!("../../tests/data/text/chat_corpus.txt");
-        let lines: Vec<&str> = corpus.lines().filter_map(|l| l.split_once('\t')).map(|(_, t)| t).filter(|l| !(l.is_ascii() && !l.bytes().any(|b| b.is_ascii_digit() || b"@$`".contains(&b)))).collect();
-        let mut norm = super::Normalized::new();
-        for _ in 0..3000 { for l in &lines { norm.set_unmapped(l); } }
-    }
-
-    #[test]
-    #[ignore]
-    fn timing() {
-        let corpus = include_str!("../../tests/data/text/chat_corpus.txt");
-        let lines: Vec<&str> = corpus
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(_, t)| t)
-            .collect();
-        let bytes: usize = lines.iter().map(|l| l.len()).sum();
-        let lex = super::Lexicon::embedded().unwrap();
-        let mut scratch = super::Scratch::default();
-        let mut out = Vec::new();
-        let mut norm = super::Normalized::new();
-        let (mut best_n, mut best_s) = (f64::MAX, f64::MAX);
-        for _ in 0..200 {
-            let t = std::time::Instant::now();
-            for l in &lines {
-                norm.set(l);
-            }
-            best_n = best_n.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            for l in &lines {
-                lex.scan_into(l, &mut scratch, &mut out);
-            }
-            best_s = best_s.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "normalize {:.1} MB/s, scan {:.1} MB/s",
-            bytes as f64 / best_n / 1e6,
-            bytes as f64 / best_s / 1e6
-        );
-        let joined = lines.join("\n");
-        let (mut best_n, mut best_s) = (f64::MAX, f64::MAX);
-        for _ in 0..30 {
-            let t = std::time::Instant::now();
-            norm.set(&joined);
-            best_n = best_n.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            lex.scan_into(&joined, &mut scratch, &mut out);
-            best_s = best_s.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "one text: normalize {:.1} MB/s, scan {:.1} MB/s ({} matches)",
-            bytes as f64 / best_n / 1e6,
-            bytes as f64 / best_s / 1e6,
-            out.len()
-        );
-        let ascii: Vec<&str> = lines.iter().copied().filter(|l| l.is_ascii()).collect();
-        let abytes: usize = ascii.iter().map(|l| l.len()).sum();
-        let mut best = f64::MAX;
-        for _ in 0..30 {
-            let t = std::time::Instant::now();
-            for l in &ascii {
-                norm.set(l);
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "ascii lines {}: normalize {:.1} MB/s",
-            ascii.len(),
-            abytes as f64 / best / 1e6
-        );
-        let mut best = f64::MAX;
-        for _ in 0..200 {
-            let t = std::time::Instant::now();
-            for l in &lines {
-                norm.set_unmapped(l);
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let flagged = lines.iter().filter(|l| !lex.scan(l).is_empty()).count();
-        eprintln!(
-            "unmapped normalize {:.1} MB/s; {} of {} lines flagged",
-            bytes as f64 / best / 1e6,
-            flagged,
-            lines.len()
-        );
-        let norms: Vec<super::Normalized> = lines
-            .iter()
-            .map(|l| {
-                let mut n = super::Normalized::new();
-                n.set_unmapped(l);
-                n
-            })
-            .collect();
-        let nbytes: usize = norms.iter().map(|n| n.len()).sum();
-        let mut best = f64::MAX;
-        let (mut raw, mut allow) = (Vec::new(), Vec::new());
-        for _ in 0..200 {
-            let t = std::time::Instant::now();
-            for n in &norms {
-                raw.clear();
-                allow.clear();
-                lex.inner.search(
-                    &lex.inner.latin,
-                    n.as_bytes(),
-                    n.runs(),
-                    n.chains(),
-                    &mut raw,
-                    &mut allow,
-                );
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "latin search only: {:.1} MB/s of original ({} folded bytes)",
-            bytes as f64 / best / 1e6,
-            nbytes
-        );
-        let mut best = f64::MAX;
-        let mut sum = 0u64;
-        for _ in 0..200 {
-            let t = std::time::Instant::now();
-            for n in &norms {
-                let dfa = &lex.inner.latin.dfa;
-                use aho_corasick::automaton::Automaton;
-                let mut sid = dfa.start_state(super::Anchored::No).unwrap();
-                for &b in n.as_bytes() {
-                    sid = dfa.next_state(super::Anchored::No, sid, b);
-                }
-                sum += sid.as_u32() as u64;
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        eprintln!(
-            "bare dfa walk: {:.1} MB/s {}",
-            bytes as f64 / best / 1e6,
-            sum
-        );
-        let (mut cands, mut hits) = (0usize, 0usize);
-        for n in &norms {
-            let dfa = &lex.inner.latin.dfa;
-            use aho_corasick::automaton::Automaton;
-            let mut sid = dfa.start_state(super::Anchored::No).unwrap();
-            for &b in n.as_bytes() {
-                sid = dfa.next_state(super::Anchored::No, sid, b);
-                if dfa.is_match(sid) {
-                    cands += dfa.match_len(sid);
-                }
-            }
-            raw.clear();
-            allow.clear();
-            lex.inner.search(
-                &lex.inner.latin,
-                n.as_bytes(),
-                n.runs(),
-                n.chains(),
-                &mut raw,
-                &mut allow,
-            );
-            hits += raw.len() + allow.len();
-        }
-        eprintln!("pattern occurrences {cands}, passing {hits}");
-        for simple in [true, false] {
-            let sel: Vec<&str> = lines
-                .iter()
-                .copied()
-                .filter(|l| {
-                    (l.is_ascii() && !l.bytes().any(|b| b.is_ascii_digit() || b"@$`".contains(&b)))
-                        == simple
-                })
-                .collect();
-            let sb: usize = sel.iter().map(|l| l.len()).sum();
-            let mut best = f64::MAX;
-            for _ in 0..200 {
-                let t = std::time::Instant::now();
-                for l in &sel {
-                    norm.set_unmapped(l);
-                }
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            let mut best2 = f64::MAX;
-            for _ in 0..200 {
-                let t = std::time::Instant::now();
-                for l in &sel {
-                    norm.set(l);
-                }
-                best2 = best2.min(t.elapsed().as_secs_f64());
-            }
-            eprintln!(
-                "simple={simple}: {} lines {} bytes: unmapped {:.1} MB/s, mapped {:.1} MB/s",
-                sel.len(),
-                sb,
-                sb as f64 / best / 1e6,
-                sb as f64 / best2 / 1e6
-            );
-        }
     }
 }

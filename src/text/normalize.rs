@@ -22,8 +22,8 @@
 //!   self-censoring marks `* # % ? ^` (→ `*`) only between two alphanumerics (`sh!t`, `f*ck`);
 //!   apostrophes vanish (`don't → dont`).
 //! - Runs of the same letter collapse to one char; the run length is kept per char so the
-//!   lexicon can demand "at least as many as the entry" (`fuuuck` matches `fuck`, but `as` does
-//!   not match `ass`).
+//!   lexicon can tell emphasis (`fuuuck` is `fuck`) from another word (`as` is not `ass`,
+//!   `assess` is not `asses`).
 //! - Single-letter tokens separated by at most three separator chars on one line are joined
 //!   into a *chain* (`f.u.c.k`, `f u c k`, `f_u_c_k` → `fuck`); chains are recorded so the
 //!   lexicon can allow word boundaries inside them.
@@ -32,6 +32,10 @@
 //!
 //! Tokens are joined by exactly one ASCII space; the folded text has no leading or trailing
 //! space.
+//!
+//! Speed: most chat messages (ASCII letters, numbers, punctuation, emoji) take a fast path
+//! that gives exactly what the general per-char path gives (tested against it,
+//! [`Normalized::set_general`]); the rest take the general path.
 
 use std::ops::Range;
 use unicode_normalization::char::{decompose_compatible, is_combining_mark};
@@ -39,6 +43,13 @@ use unicode_normalization::char::{decompose_compatible, is_combining_mark};
 /// Longest text normalized in one go: offsets are kept as `u32`. Longer input is cut at a char
 /// boundary; [`super::lexicon::Lexicon`] scans longer input in chunks.
 pub const MAX_TEXT_BYTES: usize = (u32::MAX - 1) as usize;
+
+/// [`Normalized::has`] bit: the folded text holds an ASCII digit.
+pub const HAS_DIGIT: u8 = 1;
+/// [`Normalized::has`] bit: the folded text holds a self-censoring `*`.
+pub const HAS_STAR: u8 = 2;
+/// [`Normalized::has`] bit: the folded text holds a non-ASCII char.
+pub const HAS_NON_ASCII: u8 = 4;
 
 /// Longest separator gap (in chars) across which single letters join into a chain and
 /// unspaced scripts join up.
@@ -64,6 +75,8 @@ pub struct Normalized {
     chains: Vec<(u32, u32)>,
     /// Whether `starts`/`ends` were filled (see [`Normalized::set_unmapped`]).
     mapped: bool,
+    /// Which kinds of chars `text` holds (`HAS_*` bits), so the lexicon can skip automata.
+    has: u8,
     /// Scratch: the units of the token being read.
     units: Vec<Unit>,
     /// Scratch: lone letters waiting to be joined into a chain or emitted as words.
@@ -160,15 +173,18 @@ const fn ascii_class(b: u8) -> AsciiClass {
     AsciiClass { kind, ch, alt }
 }
 
-/// What an ASCII byte is to [`Normalized::fill_simple_ascii`].
-#[derive(Clone, Copy)]
+/// What a byte is to [`Normalized::fill_simple`]. `Letter` and `Separator` come first: the
+/// loop handles them without branching on the class.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 enum Simple {
     Letter,
     Separator,
+    Digit,
     Apostrophe,
     /// A mark that only counts between letters (`! | + * # % ? ^`).
     Mark,
-    /// Anything that needs the general path (digits, `@ $`, control chars, non-ASCII).
+    /// `@ $`, control chars (general path) and non-ASCII bytes (emoji: fast; else general).
     Other,
 }
 
@@ -178,6 +194,7 @@ static SIMPLE: [Simple; 256] = {
     while i < 128 {
         t[i] = match ascii_class(i as u8).kind {
             Kind::Letter => Simple::Letter,
+            Kind::Digit => Simple::Digit,
             Kind::Space | Kind::Newline | Kind::Punct => Simple::Separator,
             Kind::Joiner if i as u8 == b'\'' => Simple::Apostrophe,
             Kind::LeetInner | Kind::Censor => Simple::Mark,
@@ -201,6 +218,38 @@ static ASCII: [AsciiClass; 128] = {
     }
     t
 };
+
+/// Number of ASCII letters at `bytes[at..]` (at least 1 when `bytes[at]` is one), found
+/// eight bytes at a time.
+fn letters_at(bytes: &[u8], at: usize) -> usize {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut i = at;
+    loop {
+        let mut chunk = [0u8; 8];
+        let avail = bytes.len().saturating_sub(i).min(8);
+        chunk[..avail].copy_from_slice(&bytes[i..i + avail]);
+        let v = u64::from_le_bytes(chunk);
+        // Per byte (7-bit after masking, so no carries between bytes): folded to lowercase,
+        // `>= b'a'` and `>= b'{'`.
+        let y = (v | (0x20 * LO)) & !HI;
+        let ge_a = (y + 0x1f * LO) & HI;
+        let ge_brace = (y + 0x05 * LO) & HI;
+        let letters = ge_a & !ge_brace & !(v & HI);
+        let others = !letters & HI;
+        if others == 0 {
+            i += 8;
+            continue;
+        }
+        return i + (others.trailing_zeros() / 8) as usize - at;
+    }
+}
+
+/// Emoji and pictographs that the general path treats as plain separators (no letters, no
+/// compatibility decomposition, not invisible); the fast path relies on this (unit-tested).
+fn is_simple_emoji(c: char) -> bool {
+    matches!(c, '\u{1F300}'..='\u{1FAFF}' | '\u{2600}'..='\u{2775}' | '\u{2794}'..='\u{27BF}')
+}
 
 /// Chars that render as nothing (or only decorate their neighbour): zero-width chars, bidi
 /// controls, variation selectors, tag chars, fillers, and every combining mark.
@@ -352,33 +401,50 @@ impl Normalized {
     }
 
     /// Like [`set`](Self::set) but without the offset map ([`original_range`](
-    /// Self::original_range) gives `None`): the cheap first pass of the lexicon, which maps
-    /// offsets only for messages that match.
+    /// Self::original_range) gives `None`): a little cheaper when only the folded text is
+    /// needed (duplicate keys).
     pub fn set_unmapped(&mut self, text: &str) {
         self.fill(text, false);
     }
 
+    /// Like [`set`](Self::set) but always through the general per-char path, never the
+    /// fast path for common messages. The result is the same; this exists so tests and
+    /// benchmarks can compare the two.
+    pub fn set_general(&mut self, text: &str) {
+        self.fill_general(clip(text, MAX_TEXT_BYTES), true);
+    }
+
     fn fill(&mut self, text: &str, map: bool) {
+        let text = clip(text, MAX_TEXT_BYTES);
         self.mapped = map;
+        self.has = 0;
+        self.chains.clear();
+        let simple = if map {
+            self.fill_simple::<true>(text)
+        } else {
+            self.fill_simple::<false>(text)
+        };
+        if !simple {
+            self.fill_general(text, map);
+        }
+    }
+
+    fn fill_general(&mut self, text: &str, map: bool) {
+        self.mapped = map;
+        self.has = 0;
         self.text.clear();
         self.starts.clear();
         self.ends.clear();
         self.runs.clear();
         self.chains.clear();
         self.units.clear();
-        let text = clip(text, MAX_TEXT_BYTES);
-        if !map && self.fill_simple_ascii(text.as_bytes()) {
-            return;
-        }
-        self.text.clear();
-        self.runs.clear();
+        self.letters.clear();
         self.text.reserve(text.len());
+        self.runs.reserve(text.len());
         if map {
             self.starts.reserve(text.len());
             self.ends.reserve(text.len());
         }
-        self.runs.reserve(text.len());
-        self.letters.clear();
         let mut b = Builder {
             n: self,
             gap: 0,
@@ -391,78 +457,199 @@ impl Normalized {
         b.run(text);
     }
 
-    /// Fast path of [`set_unmapped`](Self::set_unmapped) for the common message: ASCII
-    /// letters, whitespace and punctuation (plus inner apostrophes and trailing `!?*...`),
-    /// without two one-letter words in a row. Gives exactly what the general path gives, in
-    /// one tight loop; returns `false` (leaving garbage in `text`/`runs`) for any other
-    /// message.
-    fn fill_simple_ascii(&mut self, bytes: &[u8]) -> bool {
-        let (text, runs) = (&mut self.text, &mut self.runs);
-        text.clear();
-        runs.clear();
-        text.reserve(bytes.len());
-        runs.reserve(bytes.len());
+    /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
+    /// emoji (separators), inner apostrophes, trailing `!?*...`, and no two one-letter words
+    /// in a row. Gives exactly what the general path gives, in one tight loop; returns `false`
+    /// (leaving garbage behind) for any other message, which then takes the general path.
+    fn fill_simple<const MAP: bool>(&mut self, text: &str) -> bool {
+        let bytes = text.as_bytes();
+        let n = &mut *self;
+        n.text.clear();
+        n.runs.clear();
+        n.text.reserve(bytes.len());
+        n.runs.reserve(bytes.len());
+        if MAP {
+            n.starts.clear();
+            n.ends.clear();
+            n.starts.reserve(bytes.len());
+            n.ends.reserve(bytes.len());
+        }
         // The run of the last char pushed to `text` is kept here and pushed to `runs` when
         // the next char starts, so the loop never reads back what it just wrote.
         let mut run = 1u8;
+        // In a token of letters / of digits.
         let mut in_word = false;
+        let mut in_number = false;
         let mut last = 0u8;
         let mut word_letters = 0u32;
         let mut prev_single = false;
-        for (i, &b) in bytes.iter().enumerate() {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            let next_alnum = || bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric);
             match SIMPLE[usize::from(b)] {
+                Simple::Letter if !in_word && !in_number => {
+                    // A word starts: find its end eight bytes at a time, then emit it in a
+                    // loop that does not look at byte classes.
+                    let end = i + letters_at(bytes, i);
+                    if !n.text.is_empty() {
+                        n.runs.push(run);
+                    }
+                    run = 1;
+                    last = 0;
+                    let word = &bytes[i..end];
+                    if !word.windows(2).any(|w| (w[0] ^ w[1]) & !0x20 == 0) {
+                        // No doubled letter: bulk copies.
+                        n.text.extend(word.iter().map(|b| b | 0x20));
+                        n.runs.extend(std::iter::repeat_n(1, word.len() - 1));
+                        if MAP {
+                            n.starts.extend(i as u32..end as u32);
+                            n.ends.extend(i as u32 + 1..end as u32 + 1);
+                        }
+                        last = word[word.len() - 1] | 0x20;
+                        in_word = true;
+                        word_letters = word.len() as u32;
+                        i = end;
+                        continue;
+                    }
+                    for (pos, &b) in (i as u32..).zip(word) {
+                        let c = b | 0x20;
+                        if c == last {
+                            run = run.saturating_add(1);
+                            if MAP && let Some(e) = n.ends.last_mut() {
+                                *e = pos + 1;
+                            }
+                        } else {
+                            if pos != i as u32 {
+                                n.runs.push(run);
+                            }
+                            n.text.push(c);
+                            if MAP {
+                                n.starts.push(pos);
+                                n.ends.push(pos + 1);
+                            }
+                            run = 1;
+                            last = c;
+                        }
+                    }
+                    in_word = true;
+                    word_letters = (end - i) as u32;
+                    i = end;
+                    continue;
+                }
                 Simple::Letter => {
+                    if in_number {
+                        return false;
+                    }
                     let c = b | 0x20;
                     if in_word && c == last {
                         run = run.saturating_add(1);
-                    } else {
-                        if !text.is_empty() {
-                            runs.push(run);
+                        if MAP && let Some(e) = n.ends.last_mut() {
+                            *e = i as u32 + 1;
                         }
-                        text.push(c);
+                    } else {
+                        if !n.text.is_empty() {
+                            n.runs.push(run);
+                        }
+                        n.text.push(c);
+                        if MAP {
+                            n.starts.push(i as u32);
+                            n.ends.push(i as u32 + 1);
+                        }
                         run = 1;
                         last = c;
                         in_word = true;
                     }
                     word_letters += 1;
+                    i += 1;
                     continue;
                 }
-                Simple::Apostrophe => {
-                    // Between letters it vanishes (`don't`); otherwise it separates.
-                    if in_word && bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic) {
+                Simple::Digit => {
+                    if in_word {
+                        return false;
+                    }
+                    n.has |= HAS_DIGIT;
+                    if !n.text.is_empty() {
+                        n.runs.push(run);
+                    }
+                    n.text.push(b);
+                    if MAP {
+                        n.starts.push(i as u32);
+                        n.ends.push(i as u32 + 1);
+                    }
+                    run = 1;
+                    in_number = true;
+                    i += 1;
+                    continue;
+                }
+                Simple::Apostrophe if in_word || in_number => {
+                    // Between letters it vanishes (`don't`); next to digits it needs leetspeak.
+                    if next_alnum() {
+                        if in_number || !bytes[i + 1].is_ascii_alphabetic() {
+                            return false;
+                        }
+                        i += 1;
                         continue;
                     }
                 }
-                Simple::Mark => {
-                    // `sh!t`, `f*ck`: inner marks need the general path.
-                    if bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic) {
+                Simple::Mark if next_alnum() => return false,
+                Simple::Apostrophe | Simple::Mark | Simple::Separator => {}
+                Simple::Other if b < 0x80 => return false,
+                Simple::Other => {
+                    let Some(c) = text[i..].chars().next() else {
+                        return false;
+                    };
+                    let end = i + c.len_utf8();
+                    if matches!(c, '\u{200D}' | '\u{FE0F}') {
+                        // Invisible: belongs to the token it is in.
+                        if MAP
+                            && (in_word || in_number)
+                            && let Some(e) = n.ends.last_mut()
+                        {
+                            *e = end as u32;
+                        }
+                        i = end;
+                        continue;
+                    }
+                    if !is_simple_emoji(c) {
                         return false;
                     }
+                    i = end - 1;
                 }
-                Simple::Separator => {}
-                Simple::Other => return false,
             }
-            if in_word {
-                let single = word_letters == 1;
+            // A separator.
+            if in_word || in_number {
+                let single = in_word && word_letters == 1;
                 if single && prev_single {
                     // Possibly a `f u c k` chain.
                     return false;
                 }
                 prev_single = single;
-                runs.push(run);
-                text.push(b' ');
+                n.runs.push(run);
+                n.text.push(b' ');
+                if MAP {
+                    let at = n.ends.last().copied().unwrap_or(0);
+                    n.starts.push(at);
+                    n.ends.push(at);
+                }
                 run = 1;
                 in_word = false;
+                in_number = false;
                 word_letters = 0;
             }
+            i += 1;
         }
-        if in_word {
-            if word_letters == 1 && prev_single {
+        if in_word || in_number {
+            if in_word && word_letters == 1 && prev_single {
                 return false;
             }
-            runs.push(run);
-        } else if text.last() == Some(&b' ') {
-            text.pop();
+            n.runs.push(run);
+        } else if n.text.last() == Some(&b' ') {
+            n.text.pop();
+            if MAP {
+                n.starts.pop();
+                n.ends.pop();
+            }
         }
         true
     }
@@ -502,6 +689,12 @@ impl Normalized {
         &self.runs
     }
 
+    /// Which kinds of chars the folded text holds: [`HAS_DIGIT`] | [`HAS_STAR`] |
+    /// [`HAS_NON_ASCII`].
+    pub fn has(&self) -> u8 {
+        self.has
+    }
+
     /// Byte ranges of the folded text that are joined single-letter chains (`f.u.c.k`);
     /// word boundaries may fall anywhere inside one.
     pub fn chains(&self) -> &[(u32, u32)] {
@@ -525,7 +718,7 @@ fn clip(text: &str, max: usize) -> &str {
 /// `F.U.C.K`, `ｆｕｃｋ` and `fuuuck` give the same key.
 pub fn normalize(text: &str) -> String {
     let mut n = Normalized::new();
-    n.set(text);
+    n.set_unmapped(text);
     String::from_utf8(n.text).expect("the folded text is built from whole chars. This is a bug.")
 }
 
@@ -983,6 +1176,15 @@ impl Builder<'_> {
             }
         }
         let n = &mut *self.n;
+        n.has |= if c.is_ascii_digit() {
+            HAS_DIGIT
+        } else if c == '*' {
+            HAS_STAR
+        } else if !c.is_ascii() {
+            HAS_NON_ASCII
+        } else {
+            0
+        };
         let mut buf = [0; 4];
         n.text.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
         for _ in 0..c.len_utf8() {
@@ -1049,6 +1251,42 @@ mod tests {
         assert_eq!(n("你是bitch"), "你是 bitch");
         assert_eq!(n("傻*逼"), "傻逼");
         assert_eq!(n("f.u.c.k.i.n.g i d i o t"), "fucking idiot");
+    }
+
+    #[test]
+    fn simple_emoji_are_separators_in_the_general_path() {
+        for c in ('\u{2600}'..='\u{2775}')
+            .chain('\u{2794}'..='\u{27BF}')
+            .chain('\u{1F300}'..='\u{1FAFF}')
+        {
+            let text = format!("ab{c}cd");
+            let n = Normalized::of(&text);
+            // The general path must split the word here, like the fast path does.
+            let mut g = Normalized::new();
+            g.set_general(&text);
+            assert_eq!(g.as_str(), "ab cd", "{c:?} U+{:04X}", c as u32);
+            assert_eq!(n.as_str(), g.as_str());
+        }
+    }
+
+    #[test]
+    fn letters_at_counts_ascii_letters() {
+        for (text, at, want) in [
+            ("hello world", 0, 5),
+            ("hello world", 6, 5),
+            (
+                "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!",
+                0,
+                52,
+            ),
+            ("a@[`{z", 0, 1),
+            ("Zz", 0, 2),
+            ("é", 0, 0),
+            ("abcdefgh", 0, 8),
+            ("abcdefgh1", 3, 5),
+        ] {
+            assert_eq!(letters_at(text.as_bytes(), at), want, "{text:?} at {at}");
+        }
     }
 
     #[test]
