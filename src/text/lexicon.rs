@@ -123,7 +123,11 @@ struct Inner {
     /// DFA over the ASCII patterns (entries, joined phrases, censored variants), searched
     /// overlapping so that no occurrence hides another. Kept apart from the non-ASCII
     /// patterns so its alphabet (byte classes) and table stay small.
-    latin: Searcher,
+    latin: Option<Searcher>,
+    /// Anchored DFA over the ASCII patterns whose every entry must start at a word start:
+    /// walked only from word starts and from inside chains (the only places where such an
+    /// occurrence can pass [`bounds_ok`]), so most of the text is never stepped through.
+    words: Option<Searcher>,
     /// DFA over the self-censored variants (`f*ck`); run only on text holding a `*`.
     censored: Option<Searcher>,
     /// DFA over the ASCII patterns holding digits (`1488`); run only on text holding a digit.
@@ -207,7 +211,8 @@ impl std::fmt::Debug for Lexicon {
             .field(
                 "dfa_bytes",
                 &[
-                    Some(&self.inner.latin),
+                    self.inner.latin.as_ref(),
+                    self.inner.words.as_ref(),
                     self.inner.censored.as_ref(),
                     self.inner.digits.as_ref(),
                     self.inner.other.as_ref(),
@@ -347,7 +352,12 @@ impl Lexicon {
         let runs = norm.runs();
         let chains = norm.chains();
         let (raw, allow) = (&mut scratch.raw, &mut scratch.allow);
-        inner.search(&inner.latin, bytes, runs, chains, raw, allow);
+        if let Some(words) = &inner.words {
+            inner.search_words(words, bytes, runs, chains, raw, allow);
+        }
+        if let Some(latin) = &inner.latin {
+            inner.search(latin, bytes, runs, chains, raw, allow);
+        }
         let gated = [
             (&inner.censored, HAS_STAR),
             (&inner.digits, HAS_DIGIT),
@@ -528,7 +538,8 @@ impl Lexicon {
             }
         }
         let blocking = b.entries.iter().filter(|e| !e.allow).count();
-        let [mut latin, mut censored, mut digits, mut other] = [(); 4].map(|()| Vec::new());
+        let [mut latin, mut words, mut censored, mut digits, mut other] =
+            [(); 5].map(|()| Vec::new());
         for (i, p) in b.patterns.iter().enumerate() {
             if !p.is_ascii() {
                 other.push(i);
@@ -536,11 +547,17 @@ impl Lexicon {
                 censored.push(i);
             } else if p.bytes().any(|b| b.is_ascii_digit()) {
                 digits.push(i);
+            } else if b.pattern_cands[i]
+                .iter()
+                .all(|c| b.entries[c.entry as usize].bound_start)
+            {
+                words.push(i);
             } else {
                 latin.push(i);
             }
         }
-        let latin = Searcher::build(&b.patterns, latin)?;
+        let latin = Searcher::build_some(&b.patterns, latin)?;
+        let words = Searcher::build_anchored(&b.patterns, words)?;
         let censored = Searcher::build_some(&b.patterns, censored)?;
         let digits = Searcher::build_some(&b.patterns, digits)?;
         let other = Searcher::build_some(&b.patterns, other)?;
@@ -554,6 +571,7 @@ impl Lexicon {
         Ok(Lexicon {
             inner: Arc::new(Inner {
                 latin,
+                words,
                 censored,
                 digits,
                 other,
@@ -584,10 +602,29 @@ impl Searcher {
         }
     }
 
+    fn build_anchored(
+        patterns: &[String],
+        ids: Vec<usize>,
+    ) -> Result<Option<Searcher>, LexiconError> {
+        if ids.is_empty() {
+            Ok(None)
+        } else {
+            Searcher::build_kind(patterns, ids, StartKind::Anchored).map(Some)
+        }
+    }
+
     fn build(patterns: &[String], ids: Vec<usize>) -> Result<Searcher, LexiconError> {
+        Searcher::build_kind(patterns, ids, StartKind::Unanchored)
+    }
+
+    fn build_kind(
+        patterns: &[String],
+        ids: Vec<usize>,
+        kind: StartKind,
+    ) -> Result<Searcher, LexiconError> {
         let dfa = DFA::builder()
             .match_kind(MatchKind::Standard)
-            .start_kind(StartKind::Unanchored)
+            .start_kind(kind)
             .prefilter(false)
             .build(ids.iter().map(|&i| &patterns[i]))?;
         Ok(Searcher {
@@ -631,24 +668,91 @@ impl Inner {
             if !dfa.is_match(sid) {
                 continue;
             }
-            let e = at;
             for k in 0..dfa.match_len(sid) {
                 let pid = dfa.match_pattern(sid, k);
-                let s = e - dfa.pattern_len(pid);
-                let (from, to) = self.pattern_cands[searcher.ids[pid.as_usize()] as usize];
-                for cand in &self.cands[from as usize..to as usize] {
-                    let entry = &self.entries[cand.entry as usize];
-                    if !bounds_ok(bytes, chains, s, e, entry)
-                        || !runs_ok(bytes, runs, s, &cand.runs, entry)
-                    {
-                        continue;
-                    }
-                    if entry.allow {
-                        allow.push((s, e));
-                    } else {
-                        raw.push((s, e, cand.entry));
+                let s = at - dfa.pattern_len(pid);
+                self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+            }
+        }
+    }
+
+    /// Like [`Inner::search`] for an anchored `searcher` whose patterns all must start at a
+    /// word start: walks from each word start (and each position inside a chain) only, and
+    /// keeps the occurrences starting there. Finds the same occurrences that an unanchored
+    /// walk would find and [`bounds_ok`] would pass.
+    fn search_words(
+        &self,
+        searcher: &Searcher,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
+        let dfa = &searcher.dfa;
+        let Ok(start) = dfa.start_state(Anchored::Yes) else {
+            return;
+        };
+        for s in 0..bytes.len() {
+            let word_start = s == 0 || bytes[s - 1] == b' ';
+            if !word_start
+                && !chains
+                    .iter()
+                    .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
+            {
+                continue;
+            }
+            let mut sid = start;
+            let mut at = s;
+            while at < bytes.len() {
+                sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
+                at += 1;
+                if !dfa.is_special(sid) {
+                    continue;
+                }
+                if dfa.is_dead(sid) {
+                    break;
+                }
+                if !dfa.is_match(sid) {
+                    continue;
+                }
+                for k in 0..dfa.match_len(sid) {
+                    let pid = dfa.match_pattern(sid, k);
+                    if at - dfa.pattern_len(pid) == s {
+                        self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
                     }
                 }
+            }
+        }
+    }
+
+    /// Checks the candidates of `searcher`'s pattern `pid` occurring at folded `s..e` and
+    /// records those that pass.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn check(
+        &self,
+        searcher: &Searcher,
+        pid: aho_corasick::PatternID,
+        s: usize,
+        e: usize,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
+        let (from, to) = self.pattern_cands[searcher.ids[pid.as_usize()] as usize];
+        for cand in &self.cands[from as usize..to as usize] {
+            let entry = &self.entries[cand.entry as usize];
+            if !bounds_ok(bytes, chains, s, e, entry) || !runs_ok(bytes, runs, s, &cand.runs, entry)
+            {
+                continue;
+            }
+            if entry.allow {
+                allow.push((s, e));
+            } else {
+                raw.push((s, e, cand.entry));
             }
         }
     }
