@@ -6,7 +6,8 @@
 //! 2. open loop at a fixed rate (default 20k msgs/s) → p50/p99/p999 latency, measured from the
 //!    client's send to its receipt of the verdict.
 //!
-//! `cargo bench --bench ws` (env: `WS_RATE`, `WS_SECS`, `WS_CONNS`).
+//! `cargo bench --bench ws` (env: `WS_RATE`, `WS_SECS`, `WS_CONNS`, `WS_MODEL=1` for the
+//! text model path).
 
 use chatguard::config::{Config, RawConfig};
 use futures_util::{SinkExt, StreamExt};
@@ -49,6 +50,10 @@ fn start_server() -> SocketAddr {
             raw.behaviour.flood_per_second = 1_000_000;
             raw.behaviour.flood_burst = 1_000_000;
             raw.server.max_in_flight_per_connection = 4096;
+            // Lexicon path unless WS_MODEL=1 (then every message also goes through the text
+            // model, except those the lexicon already blocks).
+            raw.text_model.enabled = std::env::var("WS_MODEL").is_ok_and(|v| v == "1");
+            raw.image.model_enabled = false;
             let config = Config::build(raw).expect("config");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await

