@@ -15,6 +15,7 @@
 #   models/minilm/{minilm-l6-v2.onnx,tokenizer.json}  models/toxblock/{toxblock.onnx,toxblock_tokenizer.json}
 #   models/image/image-safety-classifier-s.onnx       models/testdata/*.png|jpg   models/data/insults/*.csv
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1   # keep models/scripts/ free of __pycache__ (it is not git-ignored)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=target/models-venv

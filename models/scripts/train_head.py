@@ -6,7 +6,8 @@ Features (390): concat(MiniLM sentence_embedding [384], T(tox-block probs [6])),
 Head:           scores = sigmoid(x @ W + b), W [390, 6], b [6]; labels insult, threat, sexual, hate, toxic, severe.
                 Standardisation (and the tox-block group weight) is folded into W and b.
 
-insult : L2 logistic regression on the Kaggle-2012 insults TRAIN labels. Selected by 5-fold stratified CV AUC on
+insult : L2 logistic regression on the Kaggle-2012 insults TRAIN labels plus the hand-written examples in
+         harassment_extra.tsv (implicit harassment the 2012 corpus lacks, with benign look-alikes). Selected by 5-fold stratified CV AUC on
          TRAIN only: transform, C, the tox-block feature-group weight s (= a smaller penalty on those 6 features),
          and (logit transform only) a blend alpha with tox-block's own insult logit:
          z = (1-alpha) * z_lr + alpha * logit(p_insult). All of it stays linear in the 390 features.
@@ -114,6 +115,13 @@ def main():
     stack = ts.TextStack(threads=2)
     tr, ytr = ts.load_insults("train")
     te, yte = ts.load_insults("test")
+    # chatguard's own hand-written implicit-harassment examples (and benign look-alikes): the 2012
+    # insults corpus has almost no "nobody wants you / disappear" harassment. Train side only.
+    aug = [ln.rstrip("\n").split("\t", 1) for ln in open(os.path.join(os.path.dirname(__file__), "harassment_extra.tsv"),
+                                                         encoding="utf-8") if ln.strip() and not ln.startswith("#")]
+    tr = list(tr) + [t for _, t in aug]
+    ytr = np.concatenate([ytr, np.array([int(y) for y, _ in aug])])
+    log(f"added {len(aug)} hand-written harassment/benign examples (models/scripts/harassment_extra.tsv)")
     extra = unlabelled_texts(set(te) | set(tr))
     log(f"train {len(tr)} (insult rate {ytr.mean():.3f}), test {len(te)}, extra unlabelled {len(extra)}")
 
