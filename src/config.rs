@@ -8,7 +8,7 @@
 
 use crate::behaviour::BehaviourConfig;
 use crate::image::ImageConfig;
-use crate::policy::Policy;
+use crate::policy::{CompiledPolicy, Policy};
 use crate::text::classifier::TextModelConfig;
 use crate::text::lexicon::Lexicon;
 use serde::Deserialize;
@@ -71,6 +71,10 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Queue of outgoing frames per connection; a client that stops reading stalls only itself.
     pub outgoing_queue_len: usize,
+    /// How often the config file, wordlists and image hash lists are checked for changes
+    /// (modification time and size), in milliseconds; a change reloads them like SIGHUP.
+    /// 0 turns the polling off (SIGHUP still reloads); otherwise at least 10.
+    pub reload_poll_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +89,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             outgoing_queue_len: 512,
+            reload_poll_ms: 2_000,
         }
     }
 }
@@ -125,6 +130,16 @@ pub struct LexiconConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// `[tenant.NAME]`: which policies a tenant may use.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Policy used when a request names none (default: `default`).
+    pub default_policy: Option<String>,
+    /// Policies the tenant may name; empty means any.
+    pub policies: Vec<String>,
+}
+
 /// The file as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,12 +154,18 @@ pub struct RawConfig {
     pub lexicon: LexiconConfig,
     /// Named policies; `default` always exists.
     pub policy: BTreeMap<String, Policy>,
+    /// Per-tenant policy choice (optional).
+    pub tenant: BTreeMap<String, TenantConfig>,
     /// Sender behaviour tracking.
     pub behaviour: BehaviourConfig,
     /// The transformer text classifier.
     pub text_model: TextModelConfig,
     /// Image decoding limits, hash lists, the image model, binary frames.
     pub image: ImageConfig,
+    /// Recent verdicts kept for `lookup` requests.
+    pub lookup: crate::lookup::LookupConfig,
+    /// POST pushed events to an HTTP endpoint (off unless `url` is set).
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 impl RawConfig {
@@ -186,16 +207,22 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Token → tenant. Empty means open: every connection is tenant `default`.
     pub tokens: Arc<HashMap<String, Arc<str>>>,
-    /// The built keyword automaton.
+    /// The built keyword automaton (the base wordlists every policy starts from).
     pub lexicon: Lexicon,
-    /// Policies by name; always has [`DEFAULT_POLICY`].
-    pub policies: Arc<HashMap<String, Arc<Policy>>>,
+    /// Policies by name, compiled (own lexicon and rules); always has [`DEFAULT_POLICY`].
+    pub policies: Arc<HashMap<String, Arc<CompiledPolicy>>>,
+    /// Tenant → its policy choice; tenants not listed use `default` and may name any policy.
+    pub tenants: Arc<HashMap<String, TenantConfig>>,
     /// Behaviour settings (validated).
     pub behaviour: BehaviourConfig,
     /// Text model settings (validated; the model itself is loaded by the server).
     pub text_model: TextModelConfig,
     /// Image settings (validated; the model itself is loaded by the server).
     pub image: ImageConfig,
+    /// Verdict lookup settings (validated).
+    pub lookup: crate::lookup::LookupConfig,
+    /// Webhook settings (validated; `url` unset means off).
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -233,6 +260,12 @@ impl Config {
                 "server.max_in_flight_per_connection is too large".into(),
             ));
         }
+        if s.reload_poll_ms != 0 && s.reload_poll_ms < 10 {
+            return Err(ConfigError::Invalid(format!(
+                "server.reload_poll_ms must be 0 (off) or at least 10 (got {})",
+                s.reload_poll_ms
+            )));
+        }
         if s.max_text_bytes > s.max_message_bytes {
             return Err(ConfigError::Invalid(format!(
                 "server.max_text_bytes ({}) must not exceed server.max_message_bytes ({})",
@@ -248,6 +281,12 @@ impl Config {
         raw.image
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("image.{e}")))?;
+        raw.lookup
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("lookup.{e}")))?;
+        raw.webhook
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("webhook.{e}")))?;
 
         let mut tokens = HashMap::new();
         for (token, tenant) in &raw.auth.tokens {
@@ -259,19 +298,43 @@ impl Config {
             tokens.insert(token.clone(), Arc::from(tenant.as_str()));
         }
 
-        let mut policies = HashMap::new();
-        for (name, policy) in raw.policy {
-            policy.validate(&name).map_err(ConfigError::Invalid)?;
-            policies.insert(name, Arc::new(policy));
+        for (name, policy) in &raw.policy {
+            policy.validate(name).map_err(ConfigError::Invalid)?;
         }
-        policies
-            .entry(DEFAULT_POLICY.to_string())
-            .or_insert_with(|| Arc::new(Policy::default()));
-
         let lexicon = match &raw.lexicon.dir {
             Some(dir) => Lexicon::from_dir(dir)?,
             None => Lexicon::embedded()?,
         };
+        let mut policies = HashMap::new();
+        for (name, policy) in raw.policy {
+            let compiled = policy
+                .compile(&name, &lexicon)
+                .map_err(ConfigError::Invalid)?;
+            policies.insert(name, Arc::new(compiled));
+        }
+        policies
+            .entry(DEFAULT_POLICY.to_string())
+            .or_insert_with(|| CompiledPolicy::default_over(&lexicon));
+        for (tenant, t) in &raw.tenant {
+            let known = |p: &String| policies.contains_key(p);
+            if let Some(p) = t.policies.iter().find(|p| !known(p)) {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant.{tenant}.policies: unknown policy `{p}`"
+                )));
+            }
+            if let Some(p) = &t.default_policy {
+                if !known(p) {
+                    return Err(ConfigError::Invalid(format!(
+                        "tenant.{tenant}.default_policy: unknown policy `{p}`"
+                    )));
+                }
+                if !t.policies.is_empty() && !t.policies.contains(p) {
+                    return Err(ConfigError::Invalid(format!(
+                        "tenant.{tenant}.default_policy `{p}` is not in tenant.{tenant}.policies"
+                    )));
+                }
+            }
+        }
 
         Ok(Config {
             server: raw.server,
@@ -279,9 +342,12 @@ impl Config {
             tokens: Arc::new(tokens),
             lexicon,
             policies: Arc::new(policies),
+            tenants: Arc::new(raw.tenant.into_iter().collect()),
             behaviour: raw.behaviour,
             text_model: raw.text_model,
             image: raw.image,
+            lookup: raw.lookup,
+            webhook: raw.webhook,
         })
     }
 
@@ -321,6 +387,65 @@ mod tests {
         assert!(cfg.policies.contains_key("kids"));
         assert!(cfg.policies.contains_key("default"));
         assert_eq!(cfg.tokens.get("secret-token-1").map(|t| &**t), Some("acme"));
+    }
+
+    #[test]
+    fn parses_policy_extras_and_tenants() {
+        let raw: RawConfig = toml::from_str(
+            r#"
+            [policy.kids]
+            allow = ["frobnicator"]
+            stages = { text_model = false }
+            sanctions = false
+            rules = [
+              { pattern = '(?i)free\s+robux', kind = "regex", label = "scam", severity = "high" },
+              { pattern = "*discord.gg/*", kind = "wildcard", label = "spam", sub = "invite", severity = "medium" },
+            ]
+            [tenant.acme]
+            default_policy = "kids"
+            policies = ["kids"]
+            "#,
+        )
+        .expect("valid");
+        let cfg = Config::build(raw).expect("valid");
+        let kids = &cfg.policies["kids"];
+        assert!(!kids.stages.text_model && kids.stages.lexicon && kids.stages.image_model);
+        assert!(!kids.sanctions);
+        assert_eq!(kids.rules.len(), 2);
+        assert_eq!(kids.lexicon.allow_len(), cfg.lexicon.allow_len() + 1);
+        assert_eq!(cfg.tenants["acme"].default_policy.as_deref(), Some("kids"));
+    }
+
+    #[test]
+    fn policy_and_tenant_errors_name_the_setting() {
+        let cases = [
+            (
+                "[policy.kids]\nrules = [{ pattern = \"(\", kind = \"regex\", label = \"scam\", severity = \"high\" }]",
+                "policy.kids.rules: rule 0",
+            ),
+            (
+                "[policy.kids]\nwordlists = [\"/nonexistent/x.txt\"]",
+                "policy.kids.wordlists",
+            ),
+            (
+                "[tenant.acme]\ndefault_policy = \"nope\"",
+                "tenant.acme.default_policy",
+            ),
+            (
+                "[tenant.acme]\npolicies = [\"nope\"]",
+                "tenant.acme.policies",
+            ),
+            (
+                "[policy.kids]\n[tenant.acme]\ndefault_policy = \"kids\"\npolicies = [\"default\"]",
+                "is not in tenant.acme.policies",
+            ),
+        ];
+        for (text, want) in cases {
+            let raw: RawConfig = toml::from_str(text).expect(text);
+            let err = Config::build(raw).expect_err(text).to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        assert!(toml::from_str::<RawConfig>("[policy.kids]\nstages = { model = false }").is_err());
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! - [`policy`]: signals + tenant policy → action, labels, score.
 //! - [`behaviour`]: per-sender flood limits, abuse scores and sanctions.
 //! - [`metrics`]: counters and histograms for the admin `/metrics` endpoint.
+//! - [`reload`]: hot reload of tokens, wordlists, policies and hash lists (SIGHUP, file change).
+//! - [`lookup`]: recent verdicts by (tenant, message id) for `lookup` requests (memory + Redis).
+//! - [`webhook`]: POSTs pushed `sanction`/`room_alarm` events to an HTTP endpoint.
+//! - [`scan`]: `chatguard scan DIR`: moderates a folder of images and text files into a JSONL report.
 #![forbid(unsafe_code)]
 
 pub mod behaviour;
@@ -20,8 +24,12 @@ pub mod config;
 pub mod eval;
 pub mod image;
 pub mod infer;
+pub mod lookup;
 pub mod metrics;
 pub mod moderator;
 pub mod policy;
+pub mod reload;
+pub mod scan;
 pub mod server;
 pub mod text;
+pub mod webhook;

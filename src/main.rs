@@ -4,6 +4,7 @@
 //! - `check`: moderate stdin, one message per line, one JSON verdict per line; or image files
 //!   (`--image FILE`), one JSON verdict for them.
 //! - `hashlist add`: add images to the perceptual-hash blocklist or allowlist.
+//! - `scan DIR`: moderate every image and text file under a folder into a JSONL report.
 
 use anyhow::Context;
 use chatguard::config::{Config, RawConfig};
@@ -92,6 +93,45 @@ enum Command {
         #[command(subcommand)]
         command: HashlistCommand,
     },
+    /// Moderate every image and text file under a folder into a JSONL report (one line per
+    /// file) and print a summary table. Exits 0 even when content is blocked.
+    Scan(ScanArgs),
+}
+
+#[derive(clap::Args)]
+struct ScanArgs {
+    /// Folder to scan (recursively; symlinks are not followed).
+    dir: PathBuf,
+    /// JSONL report to write.
+    #[arg(long, default_value = "scan-report.jsonl")]
+    out: PathBuf,
+    /// Files moderated at once (default: the number of cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    jobs: Option<u16>,
+    /// Skip files already in the report (same path, size and mtime) and append to it.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// TOML config file (wordlists, policies, image limits).
+    #[arg(long, env = "CHATGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Skip the models; use the wordlists and hash lists only.
+    #[arg(long)]
+    lexicon_only: bool,
+    /// Policy to apply.
+    #[arg(long, default_value = "default")]
+    policy: String,
+    /// Largest text file read, in bytes (images: image.max_encoded_bytes).
+    #[arg(long, default_value_t = chatguard::scan::DEFAULT_MAX_TEXT_FILE_BYTES)]
+    max_file_bytes: u64,
+    /// Most lines moderated per text file.
+    #[arg(long, default_value_t = chatguard::scan::DEFAULT_MAX_LINES)]
+    max_lines: usize,
+    /// Longest line moderated, in bytes (longer lines are cut).
+    #[arg(long, default_value_t = chatguard::scan::DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +236,7 @@ fn main() -> anyhow::Result<()> {
                     config,
                 },
         } => hashlist_add(config, files, &label, allow, list),
+        Command::Scan(args) => runtime.block_on(scan(args)),
     }
 }
 
@@ -204,7 +245,10 @@ async fn serve(
     admin_listen: Option<SocketAddr>,
     config: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut config = load_config(config.as_ref())?;
+    // The reloader re-reads the same file (and environment) on SIGHUP and on file change.
+    let source =
+        chatguard::reload::ConfigSource::optional_file(config).with_overrides(RawConfig::apply_env);
+    let (reloader, mut config) = chatguard::reload::Reloader::load(source)?;
     if let Some(addr) = listen {
         config.server.listen = addr;
     }
@@ -234,8 +278,39 @@ async fn serve(
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
-    chatguard::server::run_with_admin(listener, admin, config, shutdown).await?;
+    tokio::spawn(reload_on_sighup(reloader.clone(), shutdown.clone()));
+    chatguard::server::run_with_reload(listener, admin, config, reloader, shutdown).await?;
     Ok(())
+}
+
+/// Reloads the configuration on every SIGHUP until shutdown (errors are logged by the
+/// reloader; the running configuration stays).
+async fn reload_on_sighup(reloader: chatguard::reload::Reloader, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by file change only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = reloader.reload_now().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (reloader, shutdown);
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {
@@ -424,5 +499,46 @@ fn hashlist_add(
         anyhow::bail!("{failed} of {} images not added", files.len());
     }
     eprintln!("added {} images to {}", files.len(), path.display());
+    Ok(())
+}
+
+async fn scan(args: ScanArgs) -> anyhow::Result<()> {
+    use chatguard::image::{ImageModel, ImageStage};
+    let mut config = load_config(args.config.as_ref())?;
+    if !config.policies.contains_key(&args.policy) {
+        anyhow::bail!("unknown policy `{}` (--policy)", args.policy);
+    }
+    let mut opts = chatguard::scan::ScanOptions::new(&args.dir, &args.out);
+    if let Some(jobs) = args.jobs {
+        opts.jobs = usize::from(jobs);
+    }
+    // A batch job waits for decoders and the model rather than degrading: one decoder per job,
+    // and a queue deadline made for throughput, not chat latency.
+    config.image.decode_threads = config.image.decode_threads.max(opts.jobs);
+    config.image.queue_timeout_ms = config.image.queue_timeout_ms.max(60_000);
+    config.text_model.queue_timeout_ms = config.text_model.queue_timeout_ms.max(60_000);
+    let (text_model, images) = if args.lexicon_only {
+        (
+            TextModel::Disabled,
+            ImageStage::with_model(&config.image, ImageModel::Disabled),
+        )
+    } else {
+        tokio::join!(
+            TextModel::load(&config.text_model),
+            ImageStage::load(&config.image)
+        )
+    };
+    let moderator = Moderator::new(&config, None, EventHub::default())
+        .with_text_model(text_model)
+        .with_images(images);
+    opts.resume = args.resume;
+    opts.policy = args.policy;
+    opts.progress = !args.quiet;
+    opts.max_text_file_bytes = args.max_file_bytes;
+    opts.max_image_file_bytes = config.image.max_encoded_bytes as u64;
+    opts.max_lines = args.max_lines;
+    opts.max_line_bytes = args.max_line_bytes.min(config.server.max_text_bytes);
+    let summary = chatguard::scan::run(moderator, opts).await?;
+    println!("{summary}");
     Ok(())
 }

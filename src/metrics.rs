@@ -81,6 +81,10 @@ pub struct Metrics {
     pub moderate_latency: Histogram,
     /// Time spent in the text model stage (queue + batch).
     pub text_model_latency: Histogram,
+    /// Config reloads by result (index: ok, error).
+    pub reloads: [AtomicU64; 2],
+    /// Duration of the last reload attempt (build + swap), in microseconds.
+    pub last_reload_us: AtomicU64,
 }
 
 impl Metrics {
@@ -204,6 +208,22 @@ impl Metrics {
                 .iter()
                 .zip(&self.degraded)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
+        );
+        labelled(
+            &mut out,
+            "chatguard_reloads_total",
+            "Config reloads (SIGHUP, file change), by result.",
+            "result",
+            &mut ["ok", "error"]
+                .iter()
+                .zip(&self.reloads)
+                .map(|(k, v)| (*k, v.load(Relaxed))),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP chatguard_reload_last_seconds Duration of the last config reload attempt.\n\
+             # TYPE chatguard_reload_last_seconds gauge\nchatguard_reload_last_seconds {}",
+            self.last_reload_us.load(Relaxed) as f64 / 1e6
         );
         self.moderate_latency.render(
             &mut out,

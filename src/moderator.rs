@@ -4,6 +4,11 @@
 //! precheck, the text stages, the policy, and records the outcome in the behaviour tracker,
 //! publishing any resulting sanction on the tenant's [`EventHub`]. Called by
 //! [`crate::server::connection`] for each request and by `chatguard check`.
+//!
+//! The policy (the request's, else the tenant's `default_policy`, else `default`) decides which
+//! stages run and brings its own lexicon and rules. Tokens, tenants, wordlists and policies
+//! come from a [`LiveCell`] snapshot loaded once per request, so a config reload
+//! ([`crate::reload`]) never changes the rules under a request in flight.
 
 use crate::behaviour::{
     MAX_DURATION_SECS, MessageFacts, Outcome, Sanction, SanctionState, SenderInfo, Tracker,
@@ -11,13 +16,14 @@ use crate::behaviour::{
 use crate::config::{Config, DEFAULT_POLICY};
 use crate::image::{ImageInput, ImageModel, ImageStage};
 use crate::metrics::Metrics;
-use crate::policy::{Decision, ModelScores, Policy, Signals};
+use crate::policy::{CompiledPolicy, Decision, ModelScores, Policy, Signals};
+use crate::reload::{Live, LiveCell};
 use crate::server::protocol::{
     Action, ErrorCode, Event, ImageRef, ImageVerdict, LabelScore, MAX_ID_BYTES, MAX_NAME_BYTES,
     ModerateRequest, SanctionRequest, Source, Verdict, to_json,
 };
 use crate::text::classifier::{TextClassifier, TextModelConfig};
-use crate::text::lexicon::{Lexicon, Scratch};
+use crate::text::lexicon::Scratch;
 use dashmap::DashMap;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -54,6 +60,9 @@ impl ModerateError {
 pub struct EventHub {
     /// Tenant → broadcast of serialized events. Created on first subscribe or publish.
     channels: Arc<DashMap<Arc<str>, broadcast::Sender<Arc<str>>>>,
+    /// Where this sidecar's own events are also posted (`[webhook]`); `None` on a
+    /// [`EventHub::relay`] hub.
+    webhook: Option<crate::webhook::Webhook>,
 }
 
 /// Events buffered per tenant for slow connections before they start missing some.
@@ -72,10 +81,29 @@ impl EventHub {
         self.sender(tenant).subscribe()
     }
 
-    /// Publishes an event to every connection of `tenant`; returns how many received it.
+    /// Publishes an event to every connection of `tenant` (and to the webhook, if any);
+    /// returns how many connections received it.
     pub fn publish(&self, tenant: &Arc<str>, event: &Event) -> usize {
         let json: Arc<str> = Arc::from(to_json(event));
+        if let Some(webhook) = &self.webhook {
+            webhook.offer(tenant, event, &json);
+        }
         self.sender(tenant).send(json).unwrap_or(0)
+    }
+
+    /// Also posts every event published on this hub to `webhook` (builder).
+    pub fn with_webhook(mut self, webhook: Option<crate::webhook::Webhook>) -> EventHub {
+        self.webhook = webhook;
+        self
+    }
+
+    /// The same channels without the webhook: for events relayed from other sidecars, which
+    /// post their own.
+    pub fn relay(&self) -> EventHub {
+        EventHub {
+            channels: self.channels.clone(),
+            webhook: None,
+        }
     }
 }
 
@@ -122,10 +150,9 @@ pub struct Moderator {
 }
 
 struct Inner {
-    /// The keyword automaton.
-    lexicon: Lexicon,
-    /// Policies by name.
-    policies: Arc<std::collections::HashMap<String, Arc<Policy>>>,
+    /// Tokens, tenants, lexicon and compiled policies; replaced whole by a config reload. A
+    /// request loads it once, so it finishes with the state it started with.
+    live: LiveCell,
     /// Sender tracking; `None` for offline use (`chatguard check`).
     tracker: Option<Tracker>,
     /// Where sanctions are published.
@@ -151,10 +178,19 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-fn scan(lexicon: &Lexicon, text: &str) -> Vec<crate::text::Match> {
+/// The policy's lexicon matches (none when its `lexicon` stage is off) and rule matches.
+fn scan(policy: &CompiledPolicy, text: &str) -> (Vec<crate::text::Match>, Vec<crate::text::Match>) {
     let mut out = Vec::new();
-    SCRATCH.with(|s| lexicon.scan_into(text, &mut s.borrow_mut(), &mut out));
-    out
+    if policy.stages.lexicon {
+        SCRATCH.with(|s| {
+            policy
+                .lexicon
+                .scan_into(text, &mut s.borrow_mut(), &mut out)
+        });
+    }
+    let mut rules = Vec::new();
+    policy.rules.scan_into(text, &mut rules);
+    (out, rules)
 }
 
 impl Moderator {
@@ -162,8 +198,7 @@ impl Moderator {
     pub fn new(config: &Config, tracker: Option<Tracker>, events: EventHub) -> Moderator {
         Moderator {
             inner: Arc::new(Inner {
-                lexicon: config.lexicon.clone(),
-                policies: config.policies.clone(),
+                live: LiveCell::new(Live::from_config(config, 0)),
                 tracker,
                 events,
                 max_text_bytes: config.server.max_text_bytes,
@@ -274,7 +309,22 @@ impl Moderator {
         &self.inner.events
     }
 
-    fn validate<'a>(&'a self, req: &ModerateRequest) -> Result<&'a Arc<Policy>, ModerateError> {
+    /// The reloadable state (tokens, tenants, lexicon, policies) this moderator runs with.
+    pub fn live(&self) -> &LiveCell {
+        &self.inner.live
+    }
+
+    /// The image stage.
+    pub fn images(&self) -> &ImageStage {
+        &self.inner.images
+    }
+
+    fn validate(
+        &self,
+        live: &Live,
+        tenant: &str,
+        req: &ModerateRequest,
+    ) -> Result<Arc<CompiledPolicy>, ModerateError> {
         let bad = |m: String| Err(ModerateError::BadRequest(m));
         if req.id.is_empty() || req.id.len() > MAX_ID_BYTES {
             return bad(format!("`id` must be 1..={MAX_ID_BYTES} bytes"));
@@ -318,9 +368,23 @@ impl Moderator {
         if text.is_empty() && req.images.is_empty() {
             return bad("empty message: `text` is empty and there are no `images`".into());
         }
-        let name = req.policy.as_deref().unwrap_or(DEFAULT_POLICY);
-        match self.inner.policies.get(name) {
-            Some(p) => Ok(p),
+        let choice = live.tenants.get(tenant);
+        let name = req
+            .policy
+            .as_deref()
+            .or(choice.and_then(|t| t.default_policy.as_deref()))
+            .unwrap_or(DEFAULT_POLICY);
+        if let Some(t) = choice
+            && !t.policies.is_empty()
+            && !t.policies.iter().any(|p| p == name)
+        {
+            return bad(format!(
+                "policy `{name}` is not allowed for this tenant (allowed: {})",
+                t.policies.join(", ")
+            ));
+        }
+        match live.policies.get(name) {
+            Some(p) => Ok(p.clone()),
             None => bad(format!("unknown policy `{name}`")),
         }
     }
@@ -332,9 +396,13 @@ impl Moderator {
         &self,
         policy: &Policy,
         matches: &[crate::text::Match],
+        rule_matches: &[crate::text::Match],
         text: &str,
         degraded: &mut Vec<&'static str>,
     ) -> Option<ModelScores> {
+        if !policy.stages.text_model {
+            return None;
+        }
         let classifier = match &self.inner.text_model {
             TextModel::Disabled => return None,
             TextModel::Unavailable(_) => {
@@ -350,6 +418,7 @@ impl Moderator {
         }
         let lexicon_only = policy.decide(&Signals {
             matches,
+            rule_matches,
             ..Default::default()
         });
         if lexicon_only.content_action == Action::Block {
@@ -402,7 +471,8 @@ impl Moderator {
                 )),
             };
             let id = image.id;
-            async move { (id, stage.analyze(input).await) }
+            let use_model = policy.stages.image_model;
+            async move { (id, stage.analyze_with(input, use_model).await) }
         }))
         .await;
         if reports.iter().any(|(_, r)| r.model_degraded) {
@@ -421,8 +491,8 @@ impl Moderator {
         req: ModerateRequest,
     ) -> Result<Verdict, ModerateError> {
         let started = Instant::now();
-        let policy = self.validate(&req)?.clone();
         let inner = &self.inner;
+        let policy = self.validate(&inner.live.load(), tenant, &req)?;
 
         // Behaviour: the folded text's fingerprint (off the runtime for long texts, like the
         // scan), then flood, duplicate and raid checks.
@@ -448,14 +518,14 @@ impl Moderator {
         let spam = precheck.as_ref().and_then(|p| p.spam);
 
         let text = req.text.unwrap_or_default();
-        let (text, matches) = if text.len() <= INLINE_SCAN_MAX_BYTES {
-            let matches = scan(&inner.lexicon, &text);
-            (text, matches)
+        let (text, matches, rule_matches) = if text.len() <= INLINE_SCAN_MAX_BYTES {
+            let (matches, rules) = scan(&policy, &text);
+            (text, matches, rules)
         } else {
-            let lexicon = inner.lexicon.clone();
+            let policy = policy.clone();
             tokio::task::spawn_blocking(move || {
-                let matches = scan(&lexicon, &text);
-                (text, matches)
+                let (matches, rules) = scan(&policy, &text);
+                (text, matches, rules)
             })
             .await
             .map_err(|e| ModerateError::Internal(format!("text scan failed: {e}")))?
@@ -464,13 +534,14 @@ impl Moderator {
         let mut image_degraded = Vec::new();
         // The text model and the images run concurrently (each on its own threads).
         let (model, images) = tokio::join!(
-            self.text_model_scores(&policy, &matches, &text, &mut degraded),
+            self.text_model_scores(&policy, &matches, &rule_matches, &text, &mut degraded),
             self.image_verdicts(&req.id, req.images, &policy, &mut image_degraded),
         );
         degraded.extend(image_degraded);
 
         let mut decision = policy.decide(&Signals {
             matches: &matches,
+            rule_matches: &rule_matches,
             model,
             flooded: precheck.as_ref().is_some_and(|p| p.flooded),
             sanction: precheck.as_ref().map(|p| p.sender.state),
@@ -488,6 +559,8 @@ impl Moderator {
                         Outcome::Review { severity: 0.3 }
                     }
                     Action::Allow => Outcome::Allow,
+                    // This policy's content violations do not count toward the abuse score.
+                    Action::Review | Action::Block if !policy.sanctions => Outcome::Allow,
                     Action::Review => Outcome::Review {
                         severity: decision.severity,
                     },
@@ -539,6 +612,11 @@ impl Moderator {
         };
 
         drop(text);
+        let mut matches = matches;
+        if !rule_matches.is_empty() {
+            matches.extend(rule_matches);
+            matches.sort_by_key(|m| (m.start, m.end));
+        }
         let took = started.elapsed();
         inner.metrics.moderate_latency.observe(took);
         inner

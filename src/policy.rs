@@ -8,12 +8,27 @@
 //! (`severity_scores`); a model scores by its probability. Each (label, source) pair is listed
 //! once with its highest score. A label's action comes from its thresholds (`block` ≥ `review`);
 //! the message's action is the most severe one.
+//!
+//! A policy also says which stages run for it ([`Stages`]), adds its own wordlists, allowlist
+//! terms and regex/wildcard rules (compiled into a [`CompiledPolicy`] by
+//! [`crate::config::Config::build`]), and whether its violations feed the sender's abuse score
+//! (`sanctions`). Rule matches score like lexicon matches (by severity) and are labelled with
+//! source `rule`.
 
 use crate::behaviour::SanctionState;
 use crate::server::protocol::{Action, ImageVerdict, LabelScore, Source};
+use crate::text::lexicon::Lexicon;
+use crate::text::rules::{RuleSet, RuleSpec};
 use crate::text::{Match, Severity};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Most extra wordlist paths one policy may name.
+pub const MAX_POLICY_WORDLISTS: usize = 64;
+/// Most extra allowlist terms one policy may list.
+pub const MAX_POLICY_ALLOW_TERMS: usize = 100_000;
 
 /// The label taxonomy used on the wire.
 pub const LABELS: &[&str] = &[
@@ -94,6 +109,30 @@ impl SeverityScores {
     }
 }
 
+/// Which stages run for a policy (`[policy.NAME.stages]`). A stage turned off is skipped: it
+/// adds no labels and is never reported as `degraded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stages {
+    /// The wordlists (base lexicon plus the policy's `wordlists`/`allow`). The policy's
+    /// `rules` run regardless.
+    pub lexicon: bool,
+    /// The text model.
+    pub text_model: bool,
+    /// The image model (images are still decoded and checked against the hash lists).
+    pub image_model: bool,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            lexicon: true,
+            text_model: true,
+            image_model: true,
+        }
+    }
+}
+
 /// A named policy as written in the config file (`[policy.NAME]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -110,6 +149,18 @@ pub struct Policy {
     pub sanctioned_action: Action,
     /// Action for an image that cannot be judged (undecodable, over the limits, missing).
     pub image_error_action: Action,
+    /// Which stages run (all by default).
+    pub stages: Stages,
+    /// Extra wordlists for this policy: files (`CATEGORY.txt`) or directories laid out like
+    /// `wordlists/`, relative to the working directory; added to the base lexicon.
+    pub wordlists: Vec<PathBuf>,
+    /// Extra allowlist terms for this policy (allowlist line syntax).
+    pub allow: Vec<String>,
+    /// Regex/wildcard rules matched on the original text (see [`crate::text::rules`]).
+    pub rules: Vec<RuleSpec>,
+    /// Whether violations under this policy count toward the sender's abuse score (and so
+    /// toward automatic sanctions). Flood limits and active sanctions apply regardless.
+    pub sanctions: bool,
 }
 
 impl Default for Policy {
@@ -124,6 +175,11 @@ impl Default for Policy {
             flood_action: Action::Review,
             sanctioned_action: Action::Block,
             image_error_action: Action::Review,
+            stages: Stages::default(),
+            wordlists: Vec::new(),
+            allow: Vec::new(),
+            rules: Vec::new(),
+            sanctions: true,
         }
     }
 }
@@ -160,7 +216,39 @@ impl Policy {
                 ));
             }
         }
+        if self.wordlists.len() > MAX_POLICY_WORDLISTS {
+            return Err(format!(
+                "policy.{name}.wordlists: {} paths; at most {MAX_POLICY_WORDLISTS}",
+                self.wordlists.len()
+            ));
+        }
+        if self.allow.len() > MAX_POLICY_ALLOW_TERMS {
+            return Err(format!(
+                "policy.{name}.allow: {} terms; at most {MAX_POLICY_ALLOW_TERMS}",
+                self.allow.len()
+            ));
+        }
         Ok(())
+    }
+
+    /// Builds what this policy runs with: `base` plus its wordlists and allowlist terms (or
+    /// `base` itself when it adds none), and its compiled rules. Reads files: call off the
+    /// async runtime. Errors name the setting, file and line.
+    pub fn compile(self, name: &str, base: &Lexicon) -> Result<CompiledPolicy, String> {
+        self.validate(name)?;
+        let lexicon = if self.wordlists.is_empty() && self.allow.is_empty() {
+            base.clone()
+        } else {
+            base.with_wordlists(&self.wordlists, &self.allow)
+                .map_err(|e| format!("policy.{name}.wordlists/allow: {e}"))?
+        };
+        let rules =
+            RuleSet::compile(&self.rules).map_err(|e| format!("policy.{name}.rules: {e}"))?;
+        Ok(CompiledPolicy {
+            settings: self,
+            lexicon,
+            rules,
+        })
     }
 
     fn thresholds(&self, label: &str) -> Thresholds {
@@ -241,6 +329,36 @@ impl Policy {
     }
 }
 
+/// A policy ready to run: its settings, the lexicon it scans with and its compiled rules.
+/// Derefs to the [`Policy`] settings. Built by [`Policy::compile`].
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    /// The settings as written (validated).
+    pub settings: Policy,
+    /// The base lexicon plus the policy's wordlists and allowlist terms.
+    pub lexicon: Lexicon,
+    /// The policy's rules.
+    pub rules: RuleSet,
+}
+
+impl std::ops::Deref for CompiledPolicy {
+    type Target = Policy;
+    fn deref(&self) -> &Policy {
+        &self.settings
+    }
+}
+
+impl CompiledPolicy {
+    /// The policy with default settings over `base`, shared (for the implicit `default`).
+    pub fn default_over(base: &Lexicon) -> Arc<CompiledPolicy> {
+        Arc::new(CompiledPolicy {
+            settings: Policy::default(),
+            lexicon: base.clone(),
+            rules: RuleSet::default(),
+        })
+    }
+}
+
 /// Model scores for one text, by taxonomy label (filled by the text model stage).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ModelScores {
@@ -263,6 +381,8 @@ pub struct ModelScores {
 pub struct Signals<'a> {
     /// Wordlist matches in the text.
     pub matches: &'a [Match],
+    /// Rule matches in the text; their `category` is a taxonomy label.
+    pub rule_matches: &'a [Match],
     /// Text model scores, when the model ran.
     pub model: Option<ModelScores>,
     /// The sender is over the flood limit.
@@ -318,6 +438,25 @@ impl Policy {
                 sub,
                 self.severity_scores.of(m.severity),
                 Source::Lexicon,
+            );
+            severity = severity.max(match m.severity {
+                Severity::Low => 0.3,
+                Severity::Medium => 0.6,
+                Severity::High => 1.0,
+            });
+        }
+        for m in signals.rule_matches {
+            let label = LABELS
+                .iter()
+                .copied()
+                .find(|l| **l == *m.category)
+                .unwrap_or("other");
+            push(
+                &mut labels,
+                label,
+                m.sub.as_deref(),
+                self.severity_scores.of(m.severity),
+                Source::Rule,
             );
             severity = severity.max(match m.severity {
                 Severity::Low => 0.3,

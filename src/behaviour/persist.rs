@@ -22,6 +22,11 @@
 //! applied to the store before it is queued here, so a change queued before the move is in
 //! the snapshot, and one queued after it is in the new journal; a crash at any point leaves
 //! files that restore everything fsynced.
+//!
+//! A snapshot that cannot be written (disk full) is logged and retried at the next interval;
+//! until one succeeds, `.journal.prev` is kept and the journal is not moved again. At start-up
+//! the snapshot of what was restored is written before the journal is truncated, so a start
+//! that fails on a full disk loses nothing either.
 
 use super::BehaviourError;
 use super::SanctionState;
@@ -268,19 +273,17 @@ impl FileBackend {
         {
             std::fs::create_dir_all(dir).map_err(write_error(dir))?;
         }
+        // The snapshot takes over both old journals. It is written before the journal is
+        // truncated, so a start-up that fails here (disk full) loses nothing.
+        write_snapshot(&paths, &store, keys).map_err(write_error(&paths.snapshot))?;
         let journal = open_journal(&paths.journal, keys).map_err(write_error(&paths.journal))?;
-        let mut writer = Writer {
+        remove_if_exists(&paths.journal_prev).map_err(write_error(&paths.journal_prev))?;
+        let writer = Writer {
             paths,
             store,
             keys,
             journal,
         };
-        // The fresh journal is empty; the snapshot takes over both old journals.
-        writer
-            .write_snapshot()
-            .map_err(write_error(&writer.paths.snapshot))?;
-        remove_if_exists(&writer.paths.journal_prev)
-            .map_err(write_error(&writer.paths.journal_prev))?;
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name("behaviour-journal".into())
@@ -489,47 +492,58 @@ impl Writer {
     }
 
     /// Moves the journal aside, writes the snapshot, deletes the old journal.
+    ///
+    /// After a failed snapshot, `.journal.prev` still holds changes that no snapshot on disk
+    /// has: it is kept, and the journal is not moved (that would replace it) but keeps growing
+    /// until a snapshot succeeds. Its entries are then older than the snapshot or equal to it,
+    /// as entries queued during a rotation already are.
     fn rotate_and_snapshot(&mut self) -> std::io::Result<usize> {
         self.journal.flush()?;
         self.journal.get_ref().sync_data()?;
-        std::fs::rename(&self.paths.journal, &self.paths.journal_prev)?;
-        self.journal = open_journal(&self.paths.journal, self.keys)?;
+        if !self.paths.journal_prev.exists() {
+            std::fs::rename(&self.paths.journal, &self.paths.journal_prev)?;
+            self.journal = open_journal(&self.paths.journal, self.keys)?;
+        }
         let records = self.write_snapshot()?;
         remove_if_exists(&self.paths.journal_prev)?;
         Ok(records)
     }
 
-    /// Writes the snapshot of the store (tmp, fsync, rename, fsync dir); returns its size in
-    /// records.
+    /// [`write_snapshot`] of this writer's store.
     fn write_snapshot(&mut self) -> std::io::Result<usize> {
-        let now = self.store.now().tick;
-        let policy = self.store.policy().clone();
-        let mut body = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + 1024);
-        let (k0, k1) = self.keys.parts();
-        body.extend_from_slice(SNAPSHOT_MAGIC);
-        body.extend_from_slice(&k0.to_le_bytes());
-        body.extend_from_slice(&k1.to_le_bytes());
-        body.extend_from_slice(&unix_now_ms().to_le_bytes());
-        body.extend_from_slice(&0u64.to_le_bytes());
-        let mut count = 0u64;
-        self.store.for_each(|key, user| {
-            let saved = user.saved();
-            if worth_saving(&saved, now, &policy) {
-                put_record(&mut body, key, &saved);
-                count += 1;
-            }
-        });
-        body[32..40].copy_from_slice(&count.to_le_bytes());
-        let sum = checksum(&body);
-        body.extend_from_slice(&sum.to_le_bytes());
-        let mut tmp = File::create(&self.paths.snapshot_tmp)?;
-        tmp.write_all(&body)?;
-        tmp.sync_all()?;
-        drop(tmp);
-        std::fs::rename(&self.paths.snapshot_tmp, &self.paths.snapshot)?;
-        sync_dir(&self.paths.snapshot)?;
-        Ok(usize::try_from(count).unwrap_or(usize::MAX))
+        write_snapshot(&self.paths, &self.store, self.keys)
     }
+}
+
+/// Writes the snapshot of `store` (tmp, fsync, rename, fsync dir); returns its size in records.
+fn write_snapshot(paths: &Paths, store: &MemoryStore, keys: KeyHasher) -> std::io::Result<usize> {
+    let now = store.now().tick;
+    let policy = store.policy().clone();
+    let mut body = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + 1024);
+    let (k0, k1) = keys.parts();
+    body.extend_from_slice(SNAPSHOT_MAGIC);
+    body.extend_from_slice(&k0.to_le_bytes());
+    body.extend_from_slice(&k1.to_le_bytes());
+    body.extend_from_slice(&unix_now_ms().to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    let mut count = 0u64;
+    store.for_each(|key, user| {
+        let saved = user.saved();
+        if worth_saving(&saved, now, &policy) {
+            put_record(&mut body, key, &saved);
+            count += 1;
+        }
+    });
+    body[32..40].copy_from_slice(&count.to_le_bytes());
+    let sum = checksum(&body);
+    body.extend_from_slice(&sum.to_le_bytes());
+    let mut tmp = File::create(&paths.snapshot_tmp)?;
+    tmp.write_all(&body)?;
+    tmp.sync_all()?;
+    drop(tmp);
+    std::fs::rename(&paths.snapshot_tmp, &paths.snapshot)?;
+    sync_dir(&paths.snapshot)?;
+    Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@
 //! The label must be a taxonomy label ([`crate::policy::LABELS`]); allowlist entries need none.
 //! A list file is re-read when it changes (checked at most every [`RELOAD_CHECK_INTERVAL`]),
 //! so `chatguard hashlist add` takes effect on a running server; a file that fails to parse
-//! keeps the previous list (and logs why). Matching is a linear scan (about 1 ns per entry).
+//! keeps the previous list (and logs why). A config reload ([`crate::reload`]) replaces both
+//! lists whole (new paths or distance included). Matching is a linear scan (about 1 ns per entry).
 
 use std::fmt;
 use std::io::Write;

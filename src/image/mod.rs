@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -441,8 +441,9 @@ struct StageInner {
     limits: DecodeLimits,
     /// The model, if any.
     model: ImageModel,
-    /// Block/allow lists.
-    lists: HashLists,
+    /// Block/allow lists; replaced whole on a config reload ([`ImageStage::set_lists`]), so an
+    /// image in progress keeps the lists it started with.
+    lists: RwLock<Arc<HashLists>>,
     /// Exact-content cache.
     cache: VerdictCache,
     /// One permit per concurrent decode.
@@ -469,7 +470,7 @@ impl ImageStage {
             inner: Arc::new(StageInner {
                 limits: cfg.decode_limits(),
                 model,
-                lists,
+                lists: RwLock::new(Arc::new(lists)),
                 cache: VerdictCache::new(cfg.cache_entries),
                 decode_permits: Arc::new(Semaphore::new(cfg.decode_threads.max(1))),
                 decode_wait: Duration::from_millis(cfg.queue_timeout_ms),
@@ -514,8 +515,24 @@ impl ImageStage {
         }
     }
 
+    /// Replaces the block/allow lists (a config reload built them off the runtime).
+    pub fn set_lists(&self, lists: HashLists) {
+        *self
+            .inner
+            .lists
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(lists);
+    }
+
     /// Analyses one image. Never fails: problems are in the report.
     pub async fn analyze(&self, input: ImageInput) -> ImageReport {
+        self.analyze_with(input, true).await
+    }
+
+    /// [`ImageStage::analyze`], with the model skipped when `use_model` is false (a policy
+    /// whose `stages.image_model` is off): the image is still decoded and checked against the
+    /// hash lists, and is never reported as model-degraded.
+    pub async fn analyze_with(&self, input: ImageInput, use_model: bool) -> ImageReport {
         let inner = &self.inner;
         inner.counters.images.fetch_add(1, Relaxed);
         if let ImageInput::Missing(why) = input {
@@ -539,7 +556,7 @@ impl ImageStage {
         };
         let stage = self.inner.clone();
         let prepared = tokio::task::spawn_blocking(move || {
-            let prepared = stage.prepare(input);
+            let prepared = stage.prepare(input, use_model);
             drop(permit);
             prepared
         })
@@ -693,7 +710,7 @@ fn decode_base64(text: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
 
 impl StageInner {
     /// The blocking part: bytes → cache → decode → hash → lists. Runs on the blocking pool.
-    fn prepare(&self, input: ImageInput) -> Prepared {
+    fn prepare(&self, input: ImageInput, use_model: bool) -> Prepared {
         let c = &self.counters;
         let fail = |message: String| {
             c.errors.fetch_add(1, Relaxed);
@@ -712,8 +729,8 @@ impl StageInner {
             ImageInput::Missing(why) => return fail(why.clone()),
         };
         let key = self.cache.key(bytes);
-        let needs_model = matches!(self.model, ImageModel::Ready(_));
-        let degraded = matches!(self.model, ImageModel::Unavailable(_));
+        let needs_model = use_model && matches!(self.model, ImageModel::Ready(_));
+        let degraded = use_model && matches!(self.model, ImageModel::Unavailable(_));
         if let Some(entry) = self.cache.get(key) {
             match entry {
                 CacheEntry::Failed(message) => {
@@ -730,7 +747,11 @@ impl StageInner {
                         c.cache_hits.fetch_add(1, Relaxed);
                         return Prepared::Done(ImageReport {
                             phash,
-                            scores: if list.is_some() { None } else { scores },
+                            scores: if list.is_some() || !use_model {
+                                None
+                            } else {
+                                scores
+                            },
                             model_degraded: list.is_none() && degraded,
                             list,
                             cached: true,
@@ -778,7 +799,12 @@ impl StageInner {
     }
 
     fn check_lists(&self, hash: PHash) -> Option<ListMatch> {
-        let found = self.lists.check(hash);
+        let lists = self
+            .lists
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let found = lists.check(hash);
         match &found {
             Some(ListMatch::Blocked { .. }) => self.counters.blocklisted.fetch_add(1, Relaxed),
             Some(ListMatch::Allowed { .. }) => self.counters.allowlisted.fetch_add(1, Relaxed),

@@ -17,8 +17,8 @@
 
 use super::Shared;
 use super::protocol::{
-    ErrorCode, ErrorReply, ModerateRequest, Pong, Probe, Request, SanctionReply, parse_image_frame,
-    to_json,
+    ErrorCode, ErrorReply, LookupRequest, ModerateRequest, Pong, Probe, Request, SanctionReply,
+    lookup_result_json, parse_image_frame, to_json,
 };
 use crate::image::pending::{PendingError, PendingImages};
 use futures_util::{SinkExt, StreamExt};
@@ -204,16 +204,65 @@ impl Conn {
         }
     }
 
+    /// A `lookup` request: answered at once from memory; a miss that may be in Redis is
+    /// answered by its own task (it counts as in flight, bounded by the Redis timeout).
+    async fn on_lookup(&self, req: LookupRequest) {
+        if let Err(message) = req.validate() {
+            return self
+                .send_error(Some(req.id), ErrorCode::BadRequest, &message)
+                .await;
+        }
+        let Some(lookup) = self.shared.lookup.clone() else {
+            return self
+                .send_error(
+                    Some(req.id),
+                    ErrorCode::BadRequest,
+                    "verdict lookup is off on this server (lookup.enabled = false)",
+                )
+                .await;
+        };
+        if let Some(found) = lookup.lookup_local(&self.tenant, &req.message) {
+            return self
+                .send(lookup_result_json(&req, Some((&found.json, found.age_ms))))
+                .await;
+        }
+        if !lookup.is_shared() {
+            lookup.count_miss();
+            return self.send(lookup_result_json(&req, None)).await;
+        }
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let message = format!(
+                "too many requests in flight on this connection (limit {}, \
+                 server.max_in_flight_per_connection); wait for replies",
+                self.shared.config.server.max_in_flight_per_connection
+            );
+            return self
+                .send_error(Some(req.id), ErrorCode::Overloaded, &message)
+                .await;
+        };
+        let tenant = self.tenant.clone();
+        let out_tx = self.out_tx.clone();
+        tokio::spawn(async move {
+            let found = lookup.lookup_shared_or_miss(&tenant, &req.message).await;
+            let json = lookup_result_json(&req, found.as_ref().map(|f| (&*f.json, f.age_ms)));
+            let _ = out_tx.send(Message::text(json)).await;
+            drop(permit);
+        });
+    }
+
     async fn on_text(&self, text: &str) {
-        let req = match serde_json::from_str::<Request>(text) {
+        let req = match super::protocol::parse_request(text) {
             Ok(req) => req,
             Err(e) => {
                 let probe: Probe = serde_json::from_str(text).unwrap_or_default();
                 let message = match probe.kind.as_deref() {
                     _ if e.is_syntax() || e.is_eof() => format!("malformed JSON: {e}"),
                     None => format!("missing or non-string `type`: {e}"),
-                    Some(k) if !matches!(k, "moderate" | "sanction" | "ping") => {
-                        format!("unknown type `{k}` (expected `moderate`, `sanction` or `ping`)")
+                    Some(k) if !matches!(k, "moderate" | "sanction" | "lookup" | "ping") => {
+                        format!(
+                            "unknown type `{k}` (expected `moderate`, `sanction`, `lookup` or \
+                             `ping`)"
+                        )
                     }
                     Some(k) => format!("invalid `{k}` request: {e}"),
                 };
@@ -224,6 +273,7 @@ impl Conn {
         };
         match req {
             Request::Ping { id } => self.send(to_json(&Pong { kind: "pong", id })).await,
+            Request::Lookup(req) => self.on_lookup(req).await,
             Request::Sanction(req) => {
                 let id = req.id.clone();
                 let json = match self.shared.moderator.sanction(&self.tenant, req) {
@@ -259,14 +309,31 @@ impl Conn {
                     let max_images = shared.config.server.max_images_per_message;
                     attach_binary_images(&pending, &mut req, max_images).await;
                     let id = req.id.clone();
-                    let json = match shared.moderator.moderate(&tenant, req).await {
-                        Ok(verdict) => to_json(&verdict),
+                    let msg = match shared.moderator.moderate(&tenant, req).await {
+                        Ok(verdict) => {
+                            let mut json = to_json(&verdict);
+                            match &shared.lookup {
+                                Some(lookup) => {
+                                    // The stored verdict shares the frame's buffer (no copy);
+                                    // shrinking first keeps serializer slack out of the store.
+                                    json.shrink_to_fit();
+                                    let json = Utf8Bytes::from(json);
+                                    lookup.record(&tenant, &verdict.id, &json);
+                                    Message::Text(json)
+                                }
+                                None => Message::text(json),
+                            }
+                        }
                         Err(e) => {
                             shared.metrics.error(e.code());
-                            to_json(&ErrorReply::new(Some(id), e.code(), e.to_string()))
+                            Message::text(to_json(&ErrorReply::new(
+                                Some(id),
+                                e.code(),
+                                e.to_string(),
+                            )))
                         }
                     };
-                    let _ = out_tx.send(Message::text(json)).await;
+                    let _ = out_tx.send(msg).await;
                     drop(permit);
                 });
             }

@@ -8,6 +8,10 @@
 //! Shutdown (the token is cancelled, e.g. on SIGTERM): stop accepting, let every connection
 //! finish its in-flight requests (up to `server.shutdown_grace_ms`), close them with 1001, stop
 //! the maintenance tasks, flush the behaviour state (final snapshot, last writes to Redis).
+//!
+//! Hot reload ([`run_with_reload`]): the server attaches a [`Reloader`] to its state (tokens,
+//! tenants, wordlists, policies, image hash lists) and, when `server.reload_poll_ms` > 0,
+//! polls the watched files; `main` calls [`Reloader::reload_now`] on SIGHUP.
 
 pub mod admin;
 pub mod connection;
@@ -17,6 +21,7 @@ use crate::behaviour::Tracker;
 use crate::config::{Config, DEFAULT_TENANT};
 use crate::metrics::Metrics;
 use crate::moderator::{EventHub, Moderator, TextModel};
+use crate::reload::Reloader;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -31,6 +36,11 @@ use tokio_util::task::TaskTracker;
 /// The WebSocket path of protocol v1.
 pub const WS_PATH: &str = "/v1/ws";
 
+/// Bytes each connection reads from its socket at a time. tungstenite's default (128 KiB,
+/// allocated per connection up front) made an idle connection cost ~135 KB: 1.3 GB for 10,000
+/// (`tests/faults.rs`). Larger messages still arrive whole, in more reads.
+const READ_BUFFER_BYTES: usize = 8 << 10;
+
 /// State shared by every connection.
 pub(crate) struct Shared {
     /// Validated configuration.
@@ -41,6 +51,10 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Counters and histograms for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Recent verdicts for `lookup` requests; `None` when `lookup.enabled = false`.
+    pub lookup: Option<crate::lookup::VerdictLookup>,
+    /// The `[webhook]` delivery queue, when `webhook.url` is set.
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 impl Shared {
@@ -68,7 +82,14 @@ impl Shared {
 
     /// The Prometheus exposition of every metric.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.moderator.render_metrics())
+        let mut extra = self.moderator.render_metrics();
+        if let Some(lookup) = &self.lookup {
+            lookup.render_metrics(&mut extra);
+        }
+        if let Some(webhook) = &self.webhook {
+            webhook.render_metrics(&mut extra);
+        }
+        self.metrics.render(&extra)
     }
 }
 
@@ -88,6 +109,29 @@ pub async fn run_with_admin(
     config: Config,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve(listener, admin, config, None, shutdown).await
+}
+
+/// [`run_with_admin`], with hot reload: `reloader` (made by [`Reloader::load`], which also
+/// gave `config`) is attached to the running state, and the watched files are polled every
+/// `server.reload_poll_ms` (0: never; [`Reloader::reload_now`] still works).
+pub async fn run_with_reload(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    reloader: Reloader,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve(listener, admin, config, Some(reloader), shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    reloader: Option<Reloader>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if config.is_open() {
         tracing::warn!(
             "NO AUTH TOKEN CONFIGURED: every client is accepted as tenant `{DEFAULT_TENANT}`. \
@@ -99,9 +143,20 @@ pub async fn run_with_admin(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let maintenance = tracker.spawn_maintenance(shutdown.child_token());
-    let events = EventHub::default();
-    // Sanctions made by other sidecars (shared state) reach this tenant's connections too.
-    let remote_hub = events.clone();
+    let webhook = crate::webhook::Webhook::start(&config.webhook).map_err(std::io::Error::other)?;
+    let events = EventHub::default().with_webhook(webhook.clone());
+    // Sanctions made by other sidecars (shared state) reach this tenant's connections too (but
+    // not the webhook: the sidecar that made them posts them).
+    let remote_hub = events.relay();
+    let shared_lookup = (config.lookup.shared
+        && config.behaviour.store == crate::behaviour::StoreKind::Redis)
+        .then(|| crate::lookup::SharedTarget {
+            url: config.behaviour.redis_url.clone(),
+            prefix: config.behaviour.redis_key_prefix.clone(),
+            timeout: Duration::from_millis(config.behaviour.redis_timeout_ms.max(1)),
+        });
+    let lookup = crate::lookup::VerdictLookup::start(&config.lookup, shared_lookup)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     tokio::spawn(async move {
         while let Some((tenant, sanction)) = remote_events.recv().await {
             remote_hub.publish(&tenant, &protocol::Event::Sanction(sanction));
@@ -116,11 +171,27 @@ pub async fn run_with_admin(
         .with_metrics(metrics.clone())
         .with_text_model(text_model)
         .with_images(images);
+    let poller = match &reloader {
+        Some(r) => {
+            r.attach(
+                moderator.live().clone(),
+                moderator.images().clone(),
+                metrics.clone(),
+            )
+            .await;
+            let poll_ms = config.server.reload_poll_ms;
+            (poll_ms > 0)
+                .then(|| r.spawn_poller(Duration::from_millis(poll_ms), shutdown.child_token()))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config,
         moderator,
         shutdown: shutdown.clone(),
         metrics,
+        lookup,
+        webhook: webhook.clone(),
     });
     if let Some(admin) = admin {
         tracing::info!(addr = %admin.local_addr()?, "admin endpoints: /healthz /readyz /metrics");
@@ -163,7 +234,13 @@ pub async fn run_with_admin(
     tasks.close();
     tasks.wait().await;
     let _ = maintenance.await;
+    if let Some(poller) = poller {
+        let _ = poller.await;
+    }
     tracker.shutdown().await;
+    if let Some(webhook) = &webhook {
+        webhook.shutdown().await;
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -177,7 +254,8 @@ async fn handshake_and_serve(
 ) -> Option<Arc<str>> {
     let server = &shared.config.server;
     let mut tenant: Option<Arc<str>> = None;
-    let tokens = shared.config.tokens.clone();
+    // Tokens as of this handshake: a reload affects new connections, never open ones.
+    let tokens = shared.moderator.live().load().tokens.clone();
     // The error type is tungstenite's (an HTTP response); its size is not ours to choose.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -215,6 +293,7 @@ async fn handshake_and_serve(
         }
     };
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(server.max_message_bytes))
         .max_frame_size(Some(server.max_message_bytes));
     let handshake =

@@ -28,6 +28,48 @@ pub enum Request {
         #[serde(default)]
         id: Option<String>,
     },
+    /// A verdict sent earlier, by message id; answered with `lookup_result`
+    /// ([`lookup_result_json`]).
+    Lookup(LookupRequest),
+}
+
+/// The `lookup` request: `{"type":"lookup","id":"q-1","message":"m-1"}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRequest {
+    /// Caller's request id; echoed in the reply. Required, at most [`MAX_ID_BYTES`].
+    pub id: String,
+    /// The `id` of the `moderate` request whose verdict is wanted, at most [`MAX_ID_BYTES`].
+    pub message: String,
+}
+
+impl LookupRequest {
+    /// Checks the ids' lengths; the error is the `bad_request` message.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.is_empty() || self.id.len() > MAX_ID_BYTES {
+            return Err(format!("`id` must be 1..={MAX_ID_BYTES} bytes"));
+        }
+        if self.message.is_empty() || self.message.len() > MAX_ID_BYTES {
+            return Err(format!("`message` must be 1..={MAX_ID_BYTES} bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// The `lookup_result` reply: `{"type":"lookup_result","id":..,"message":..,"found":true,
+/// "age_ms":..,"verdict":{..}}` with the verdict spliced in exactly as it was sent
+/// (`verdict_json`, with its age in ms), or `"found":false` and neither field.
+pub fn lookup_result_json(req: &LookupRequest, found: Option<(&str, u64)>) -> String {
+    let (id, message) = (to_json(&req.id), to_json(&req.message));
+    match found {
+        Some((verdict_json, age_ms)) => format!(
+            "{{\"type\":\"lookup_result\",\"id\":{id},\"message\":{message},\"found\":true,\
+             \"age_ms\":{age_ms},\"verdict\":{verdict_json}}}"
+        ),
+        None => format!(
+            "{{\"type\":\"lookup_result\",\"id\":{id},\"message\":{message},\"found\":false}}"
+        ),
+    }
 }
 
 /// The `moderate` request.
@@ -157,7 +199,14 @@ pub fn parse_image_frame(
             format!("binary frame ends inside its {len}-byte header"),
         ));
     };
-    let header: ImageFrameHeader = serde_json::from_slice(header).map_err(|e| {
+    // Only a JSON object: serde alone would also read `["image","m-1/i1"]` (found by
+    // `tests/fuzz.rs`).
+    let parsed = if header.trim_ascii_start().starts_with(b"{") {
+        serde_json::from_slice(header)
+    } else {
+        Err(serde::de::Error::custom("the header must be a JSON object"))
+    };
+    let header: ImageFrameHeader = parsed.map_err(|e| {
         (
             None,
             format!("binary frame header is not {{\"type\":\"image\",\"id\":\"<request id>/<image id>\"}}: {e}"),
@@ -179,6 +228,18 @@ pub fn parse_image_frame(
         ));
     }
     Ok((header.id, frame.slice(4 + len..)))
+}
+
+/// Parses a text frame into a [`Request`]. Only a JSON object is a request: serde alone would
+/// also read an array as a request with its fields in order (`["ping"]`), which the protocol
+/// does not define (found by `tests/fuzz.rs`).
+pub fn parse_request(text: &str) -> Result<Request, serde_json::Error> {
+    if !text.trim_start().starts_with('{') {
+        // Not JSON at all: the syntax error. JSON that is not an object: say so.
+        serde_json::from_str::<serde::de::IgnoredAny>(text)?;
+        return Err(serde::de::Error::custom("a request must be a JSON object"));
+    }
+    serde_json::from_str(text)
 }
 
 /// Minimal view of a frame used to address an error reply when full parsing fails.
@@ -235,6 +296,8 @@ pub enum Source {
     Behaviour,
     /// Perceptual-hash list.
     Hashlist,
+    /// A policy's regex/wildcard rule (`[policy.NAME] rules`), matched on the original text.
+    Rule,
 }
 
 /// One label with its score.

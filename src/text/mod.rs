@@ -7,10 +7,12 @@
 //!   map back to the original text.
 //! - [`lexicon`]: the aho-corasick automaton over `wordlists/`, with allowlist and word-boundary
 //!   rules.
+//! - [`rules`]: a policy's regex/wildcard rules, matched on the original text.
 
 pub mod classifier;
 pub mod lexicon;
 pub mod normalize;
+pub mod rules;
 
 use serde::Serialize;
 use std::sync::Arc;
