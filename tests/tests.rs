@@ -2,6 +2,8 @@ mod batcher;
 mod behaviour;
 mod common;
 mod e2e;
+mod faults;
+mod fuzz;
 mod image;
 mod lookup;
 mod model;

@@ -1,0 +1,311 @@
+//! chatguard's text stage against a peer, the `rustrict` crate, on the same lines, in the same
+//! run, on the same machine.
+//!
+//! Speed: MB/s of original text over the chat corpus (`tests/data/text/chat_corpus.txt`, ~4000
+//! messages of 10–200 bytes, ~15% abusive, some emoji/CJK/unicode), one core:
+//! - chatguard: normalization + lexicon (`Lexicon::embedded()`, `scan_into` with a reused
+//!   `Scratch`), the work done per message before the policy;
+//! - rustrict: `CensorStr::is_inappropriate` and `Censor::from_str(s).analyze()` (the same
+//!   analysis, measured both ways).
+//!
+//! The systems run interleaved (round 1: A, B, C; round 2: A, B, C; ...) and the table shows the
+//! median of the rounds, so a burst of load from other processes hits both alike.
+//!
+//! Accuracy, so speed is not bought with misses: recall on abusive lines and false-positive rate
+//! on clean lines, for three labelled sets:
+//! - `peer_labelled.txt`: hand-written chat lines NOT derived from chatguard's wordlists (the
+//!   fairest comparison);
+//! - the fixtures (`positive.txt` vs `negative.txt` + `safe.txt`): written to test chatguard's
+//!   wordlists, so they favour chatguard; also split by category;
+//! - the chat corpus's own `abusive`/`clean` labels (generated from the same fixtures).
+//!
+//! chatguard "flags" a line when the default policy's content action (lexicon only, no model)
+//! is `review` or `block` (also shown: any wordlist match at all, low severity included);
+//! rustrict flags it when `is_inappropriate` is true.
+//!
+//! Run: `cargo bench --bench peers` (about 5–20 s; `PEERS_ROUNDS=N` sets the rounds, default 7;
+//! `PEERS_VERBOSE=1` lists the hand-written lines either system gets wrong, on stderr).
+//! Prints a markdown table.
+
+use chatguard::policy::{Policy, Signals};
+use chatguard::server::protocol::Action;
+use chatguard::text::lexicon::{Lexicon, Scratch};
+use rustrict::{Censor, CensorStr, Type};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const CORPUS: &str = include_str!("../tests/data/text/chat_corpus.txt");
+const PEER_LABELLED: &str = include_str!("../tests/data/text/peer_labelled.txt");
+const POSITIVE: &str = include_str!("../tests/data/text/positive.txt");
+const NEGATIVE: &str = include_str!("../tests/data/text/negative.txt");
+const SAFE: &str = include_str!("../tests/data/text/safe.txt");
+
+/// Minimum time of one timed sample; short systems repeat the corpus until they reach it.
+const MIN_SAMPLE: Duration = Duration::from_millis(150);
+
+/// Non-blank, non-comment lines.
+fn lines(file: &'static str) -> impl Iterator<Item = &'static str> {
+    file.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+}
+
+/// `LABEL<TAB>text` lines as (label, text).
+fn tabbed(file: &'static str) -> Vec<(&'static str, &'static str)> {
+    lines(file).filter_map(|l| l.split_once('\t')).collect()
+}
+
+/// One labelled set: abusive and clean lines, plus a category per abusive line when known.
+struct Labelled {
+    name: &'static str,
+    abusive: Vec<(&'static str, &'static str)>,
+    clean: Vec<&'static str>,
+}
+
+fn labelled_sets() -> Vec<Labelled> {
+    let split = |name, file| {
+        let rows = tabbed(file);
+        Labelled {
+            name,
+            abusive: rows
+                .iter()
+                .filter(|(l, _)| *l == "abusive")
+                .map(|(_, t)| ("abusive", *t))
+                .collect(),
+            clean: rows
+                .iter()
+                .filter(|(l, _)| *l == "clean")
+                .map(|(_, t)| *t)
+                .collect(),
+        }
+    };
+    vec![
+        split(
+            "hand-written, independent (peer_labelled.txt)",
+            PEER_LABELLED,
+        ),
+        Labelled {
+            name: "chatguard fixtures (positive vs negative+safe)",
+            abusive: tabbed(POSITIVE),
+            clean: lines(NEGATIVE).chain(lines(SAFE)).collect(),
+        },
+        split("chat corpus labels (chat_corpus.txt)", CORPUS),
+    ]
+}
+
+/// Both systems' decisions for one line.
+struct Chatguard {
+    lexicon: Lexicon,
+    policy: Policy,
+    scratch: Scratch,
+    out: Vec<chatguard::text::Match>,
+}
+
+impl Chatguard {
+    /// [policy says review/block, any wordlist match, rustrict `is_inappropriate`].
+    fn flags(&mut self, text: &str) -> [bool; 3] {
+        self.lexicon
+            .scan_into(text, &mut self.scratch, &mut self.out);
+        let signals = Signals {
+            matches: &self.out,
+            ..Default::default()
+        };
+        let policy = self.policy.decide(&signals).content_action != Action::Allow;
+        [policy, !self.out.is_empty(), text.is_inappropriate()]
+    }
+}
+
+/// Times `pass` (one pass over the corpus) repeated until [`MIN_SAMPLE`]; returns MB/s.
+fn sample(corpus_bytes: usize, mut pass: impl FnMut() -> usize) -> f64 {
+    let started = Instant::now();
+    let mut passes = 0usize;
+    let mut sink = 0usize;
+    while passes == 0 || started.elapsed() < MIN_SAMPLE {
+        sink = sink.wrapping_add(pass());
+        passes += 1;
+    }
+    black_box(sink);
+    let secs = started.elapsed().as_secs_f64();
+    (corpus_bytes * passes) as f64 / secs / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn pct(num: usize, den: usize) -> String {
+    if den == 0 {
+        "–".into()
+    } else {
+        format!("{:.1}% ({num}/{den})", 100.0 * num as f64 / den as f64)
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run a smoke pass.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let rounds: usize = std::env::var("PEERS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 1 } else { 7 })
+        .max(1);
+    // PEERS_VERBOSE=1: list the independent set's lines that either system gets wrong.
+    let verbose = std::env::var_os("PEERS_VERBOSE").is_some();
+    let started = Instant::now();
+    let lexicon = Lexicon::embedded().expect("embedded wordlists build");
+    let corpus: Vec<&str> = tabbed(CORPUS).into_iter().map(|(_, t)| t).collect();
+    let corpus_bytes: usize = corpus.iter().map(|l| l.len()).sum();
+
+    // Warm-up: rustrict builds its tries lazily on first use.
+    let mut scratch = Scratch::default();
+    let mut out = Vec::new();
+    for text in &corpus {
+        lexicon.scan_into(text, &mut scratch, &mut out);
+        black_box(text.is_inappropriate());
+    }
+
+    let (mut cg, mut rr_inapp, mut rr_analyze) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        cg.push(sample(corpus_bytes, || {
+            let mut hits = 0;
+            for text in &corpus {
+                lexicon.scan_into(black_box(text), &mut scratch, &mut out);
+                hits += out.len();
+            }
+            hits
+        }));
+        rr_inapp.push(sample(corpus_bytes, || {
+            corpus
+                .iter()
+                .filter(|t| black_box(**t).is_inappropriate())
+                .count()
+        }));
+        rr_analyze.push(sample(corpus_bytes, || {
+            corpus
+                .iter()
+                .filter(|t| {
+                    Censor::from_str(black_box(t))
+                        .analyze()
+                        .is(Type::INAPPROPRIATE)
+                })
+                .count()
+        }));
+    }
+    let (cg, rr_inapp, rr_analyze) = (median(cg), median(rr_inapp), median(rr_analyze));
+
+    println!("## chatguard vs rustrict 0.7 — speed\n");
+    println!(
+        "Corpus: tests/data/text/chat_corpus.txt, {} messages, {:.1} KB; one core; median of \
+         {rounds} interleaved rounds (each ≥ {} ms).\n",
+        corpus.len(),
+        corpus_bytes as f64 / 1e3,
+        MIN_SAMPLE.as_millis()
+    );
+    println!("| system | MB/s | messages/s | chatguard is × faster |");
+    println!("|---|---:|---:|---:|");
+    let avg = corpus_bytes as f64 / corpus.len() as f64;
+    for (name, mbs) in [
+        ("chatguard normalize + lexicon (`scan_into`)", cg),
+        ("rustrict `is_inappropriate`", rr_inapp),
+        ("rustrict `Censor::analyze`", rr_analyze),
+    ] {
+        println!(
+            "| {name} | {mbs:.2} | {:.0} | {:.1} |",
+            mbs * 1e6 / avg,
+            cg / mbs
+        );
+    }
+
+    println!("\n## Accuracy on the same labelled lines\n");
+    println!(
+        "Recall = abusive lines flagged; false positives = clean lines flagged. chatguard \
+         (policy): the default policy's content action is review/block, lexicon only, no model; \
+         chatguard (any match): at least one wordlist match, whatever its severity; rustrict: \
+         `is_inappropriate`.\n"
+    );
+    println!("| labelled set | system | recall | false positives |");
+    println!("|---|---|---:|---:|");
+    let mut guard = Chatguard {
+        lexicon: lexicon.clone(),
+        policy: Policy::default(),
+        scratch: Scratch::default(),
+        out: Vec::new(),
+    };
+    const SYSTEMS: [&str; 3] = [
+        "chatguard (policy)",
+        "chatguard (any match)",
+        "rustrict `is_inappropriate`",
+    ];
+    let mut by_category: BTreeMap<&str, [usize; 4]> = BTreeMap::new();
+    for set in labelled_sets() {
+        let mut hits = [0usize; 3];
+        let mut false_pos = [0usize; 3];
+        for (category, text) in &set.abusive {
+            let flags = guard.flags(text);
+            for (h, f) in hits.iter_mut().zip(flags) {
+                *h += usize::from(f);
+            }
+            if set.name.starts_with("chatguard fixtures") {
+                let e = by_category.entry(category).or_default();
+                e[0] += 1;
+                for (k, f) in flags.into_iter().enumerate() {
+                    e[k + 1] += usize::from(f);
+                }
+            }
+        }
+        for text in &set.clean {
+            for (fp, f) in false_pos.iter_mut().zip(guard.flags(text)) {
+                *fp += usize::from(f);
+            }
+        }
+        if verbose && set.name.starts_with("hand-written") {
+            // [policy, any match, rustrict] for each line either system gets wrong.
+            for (label, text) in set
+                .abusive
+                .iter()
+                .map(|(_, t)| (true, *t))
+                .chain(set.clean.iter().map(|t| (false, *t)))
+            {
+                let flags = guard.flags(text);
+                if flags[0] != label || flags[2] != label {
+                    eprintln!(
+                        "{} {flags:?} {text}",
+                        if label { "abusive" } else { "clean" }
+                    );
+                }
+            }
+        }
+        let (na, nc) = (set.abusive.len(), set.clean.len());
+        for (k, system) in SYSTEMS.iter().enumerate() {
+            println!(
+                "| {} | {system} | {} | {} |",
+                set.name,
+                pct(hits[k], na),
+                pct(false_pos[k], nc)
+            );
+        }
+    }
+    println!("\nRecall by category on positive.txt:\n");
+    println!("| category | lines | {} |", SYSTEMS.join(" | "));
+    println!("|---|---:|---:|---:|---:|");
+    for (category, [n, a, b, c]) in &by_category {
+        println!(
+            "| {category} | {n} | {} | {} | {} |",
+            pct(*a, *n),
+            pct(*b, *n),
+            pct(*c, *n)
+        );
+    }
+    println!(
+        "\nSpeed ratio chatguard / rustrict `is_inappropriate`: {:.1}× (target ≥ 25×). \
+         Took {:.1} s.",
+        cg / rr_inapp,
+        started.elapsed().as_secs_f64()
+    );
+}
