@@ -293,7 +293,14 @@ async fn bad_requests_get_clear_errors_and_the_connection_survives() {
             "bad_request",
             "unknown field `extra`",
         ),
-        ("[1,2,3]".into(), Value::Null, "bad_request", ""),
+        ("[1,2,3]".into(), Value::Null, "bad_request", "JSON object"),
+        // An array is not a request, and its first element is not an id to echo.
+        (
+            r#"["m-11","moderate"]"#.into(),
+            Value::Null,
+            "bad_request",
+            "JSON object",
+        ),
     ];
     let mut failures = Vec::new();
     for (frame, id, code, needle) in &cases {

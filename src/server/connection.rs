@@ -230,15 +230,8 @@ impl Conn {
             lookup.count_miss();
             return self.send(lookup_result_json(&req, None)).await;
         }
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            let message = format!(
-                "too many requests in flight on this connection (limit {}, \
-                 server.max_in_flight_per_connection); wait for replies",
-                self.shared.config.server.max_in_flight_per_connection
-            );
-            return self
-                .send_error(Some(req.id), ErrorCode::Overloaded, &message)
-                .await;
+        let Some(permit) = self.in_flight_permit(&req.id).await else {
+            return;
         };
         let tenant = self.tenant.clone();
         let out_tx = self.out_tx.clone();
@@ -250,11 +243,33 @@ impl Conn {
         });
     }
 
+    /// A slot in this connection's in-flight budget, or `None` after answering request `id`
+    /// with an `overloaded` error.
+    async fn in_flight_permit(&self, id: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let message = format!(
+            "too many requests in flight on this connection (limit {}, \
+             server.max_in_flight_per_connection); wait for replies",
+            self.shared.config.server.max_in_flight_per_connection
+        );
+        self.send_error(Some(id.to_owned()), ErrorCode::Overloaded, &message)
+            .await;
+        None
+    }
+
     async fn on_text(&self, text: &str) {
         let req = match super::protocol::parse_request(text) {
             Ok(req) => req,
             Err(e) => {
-                let probe: Probe = serde_json::from_str(text).unwrap_or_default();
+                // Only an object has an `id` to echo (a JSON array would deserialize
+                // positionally into the probe).
+                let probe: Probe = if text.trim_start().starts_with('{') {
+                    serde_json::from_str(text).unwrap_or_default()
+                } else {
+                    Probe::default()
+                };
                 let message = match probe.kind.as_deref() {
                     _ if e.is_syntax() || e.is_eof() => format!("malformed JSON: {e}"),
                     None => format!("missing or non-string `type`: {e}"),
@@ -290,15 +305,8 @@ impl Conn {
                 self.send(json).await
             }
             Request::Moderate(req) => {
-                let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-                    let message = format!(
-                        "too many requests in flight on this connection (limit {}, \
-                         server.max_in_flight_per_connection); wait for replies",
-                        self.shared.config.server.max_in_flight_per_connection
-                    );
-                    return self
-                        .send_error(Some(req.id), ErrorCode::Overloaded, &message)
-                        .await;
+                let Some(permit) = self.in_flight_permit(&req.id).await else {
+                    return;
                 };
                 let shared = self.shared.clone();
                 let tenant = self.tenant.clone();
