@@ -53,14 +53,7 @@ impl Server {
 
     /// Connects with [`TOKEN`].
     pub async fn connect(&self) -> Ws {
-        let mut req = format!("ws://{}/v1/ws", self.addr)
-            .into_client_request()
-            .expect("valid url");
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN}").parse().expect("header"),
-        );
-        connect_async(req).await.expect("connect").0
+        connect_as(self.addr, TOKEN).await
     }
 
     /// Shuts the server down and waits for it.
@@ -95,4 +88,48 @@ pub async fn recv(ws: &mut Ws) -> Value {
         Message::Text(t) => serde_json::from_str(t.as_str()).expect("reply is JSON"),
         other => panic!("expected a text frame, got {other:?}"),
     }
+}
+
+/// Opens `ws://addr/v1/ws` with `Authorization: Bearer token`.
+pub async fn connect_as(addr: SocketAddr, token: &str) -> Ws {
+    let mut req = format!("ws://{addr}/v1/ws")
+        .into_client_request()
+        .expect("valid url");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    connect_async(req).await.expect("connect").0
+}
+
+/// One HTTP/1.1 `GET` (the admin endpoints) → (status, body); 30 s at most.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut buf))
+        .await
+        .expect("admin answers within 30s")
+        .expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one `/metrics` series (`name{labels}` exactly as exposed), 0 when absent.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

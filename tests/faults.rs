@@ -277,27 +277,7 @@ async fn moderate(ws: &mut Ws, id: &str, fields: Value) -> Value {
     v
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = String::new();
-    tokio::time::timeout(PATIENCE, s.read_to_string(&mut buf))
-        .await
-        .expect("admin answers")
-        .expect("read");
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
+use crate::common::http_get;
 
 /// Polls `check` until it is true; fails with `what` after [`PATIENCE`].
 async fn eventually<F, Fut>(what: &str, mut check: F)

@@ -115,28 +115,12 @@ impl Server {
     }
 
     async fn connect(&self) -> Ws {
-        let mut req = format!("ws://{}/v1/ws", self.addr)
-            .into_client_request()
-            .expect("url");
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN}").parse().expect("header"),
-        );
-        connect_async(req).await.expect("connect").0
+        crate::common::connect_as(self.addr, TOKEN).await
     }
 
     /// The value of one metric line (`name{labels}`), 0 when absent.
     async fn metric(&self, series: &str) -> f64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(self.admin).await.expect("connect admin");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.expect("read");
-        buf.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        crate::common::metric(self.admin, series).await
     }
 
     async fn stop(self) {

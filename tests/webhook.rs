@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::connect_async;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 /// What the test endpoint answers to one request.
@@ -200,27 +198,12 @@ impl Server {
     }
 
     pub(crate) async fn connect(&self) -> Ws {
-        let mut req = format!("ws://{}/v1/ws", self.addr)
-            .into_client_request()
-            .expect("url");
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN}").parse().expect("header"),
-        );
-        connect_async(req).await.expect("connect").0
+        crate::common::connect_as(self.addr, TOKEN).await
     }
 
-    /// One metric's value from `/metrics` (0 when absent).
+    /// One counter's value from `/metrics` (0 when absent).
     pub(crate) async fn metric(&self, name: &str) -> u64 {
-        let mut s = TcpStream::connect(self.admin).await.expect("admin");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.expect("read");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0)
+        crate::common::metric(self.admin, name).await as u64
     }
 
     /// Polls `name` until it equals `want` (10 s at most).
