@@ -11,27 +11,14 @@
 use crate::common::{self, Server, Ws, send};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// A second tenant's token.
 const OTHER_TOKEN: &str = "test-token-other";
 
-/// Connects with `token`.
-async fn connect_as(addr: SocketAddr, token: &str) -> Ws {
-    let mut req = format!("ws://{addr}/v1/ws")
-        .into_client_request()
-        .expect("valid url");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    connect_async(req).await.expect("connect").0
-}
+use crate::common::connect_as;
 
 /// The next text frame, raw.
 async fn recv_raw(ws: &mut Ws) -> String {
