@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8686
 
-.PHONY: run test bench models build lint fmt clean-models
+.PHONY: run test bench soak models build lint fmt clean-models
 
 models:
 	bash models/setup.sh
@@ -23,6 +23,11 @@ test: models
 
 bench: models
 	$(CARGO) bench
+
+# 10 minutes (SOAK_SECS) of the full message mix at 80 % of the measured capacity, models on:
+# zero lost/duplicated replies and the server's RSS curve (scripts/soak.sh, examples/loadgen.rs).
+soak: models
+	bash scripts/soak.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

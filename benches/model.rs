@@ -9,7 +9,9 @@
 //! Needs `make models`. Prints msgs/s and p50/p99 latency for: lone requests through the batcher,
 //! the batcher under `--concurrency` closed-loop requesters, and the direct fixed-batch path
 //! (raw: pre-tokenized, arrival order; direct: `classify_batch_blocking`, length-sorted), then the
-//! batcher/raw ratio.
+//! batcher/raw ratio. Then, in the same run, the Python peer `models/scripts/py_text_bench.py`
+//! (batched onnxruntime + tokenizers on the same ONNX files and messages; needs the venv of
+//! `make models`, `PY_TEXT_BENCH=0` skips it) and the Rust/Python ratio.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,10 +154,15 @@ fn main() {
 
     // Direct path: fixed batches, tokenization included and pre-tokenized (raw sessions + head).
     let started = Instant::now();
-    classifier
+    let direct_scores = classifier
         .classify_batch_blocking(&refs)
         .unwrap_or_else(|e| panic!("direct run failed: {e}"));
     let direct = args.messages as f64 / started.elapsed().as_secs_f64();
+    let mean_insult = direct_scores
+        .iter()
+        .map(|s| f64::from(s.insult))
+        .sum::<f64>()
+        / refs.len().max(1) as f64;
     let items = classifier
         .tokenize_blocking(&refs)
         .unwrap_or_else(|e| panic!("tokenize failed: {e}"));
@@ -262,4 +269,85 @@ fn main() {
         100.0 * batched / raw,
         100.0 * batched / direct
     );
+    python_peer(&messages, &args, batched, direct, mean_insult);
+}
+
+/// The peer: `models/scripts/py_text_bench.py` (onnxruntime + tokenizers, same ONNX files, the
+/// same messages, length-sorted batches at the best calibrated size, same intra-op threads), run
+/// with the venv `make models` creates, after the Rust measurement; prints both figures and the
+/// ratio. Skipped when the venv is missing or `PY_TEXT_BENCH=0`.
+fn python_peer(messages: &[String], args: &Args, batched: f64, direct: f64, mean_insult: f64) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/models-venv/bin/python");
+    let script = root.join("models/scripts/py_text_bench.py");
+    if std::env::var("PY_TEXT_BENCH").is_ok_and(|v| v == "0") || !python.exists() {
+        println!(
+            "python peer: skipped (no target/models-venv: run `make models`; or PY_TEXT_BENCH=0)"
+        );
+        return;
+    }
+    let input =
+        std::env::temp_dir().join(format!("chatguard-textbench-{}.txt", std::process::id()));
+    if let Err(e) = std::fs::write(&input, messages.join("\n")) {
+        println!("python peer: cannot write {}: {e}", input.display());
+        return;
+    }
+    let output = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("--input")
+        .arg(&input)
+        .arg("--threads")
+        .arg(args.intra_threads.to_string())
+        .arg("--arrival-batch")
+        .arg(args.batch.to_string())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    let _ = std::fs::remove_file(&input);
+    let output = match output {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            println!("python peer: {} exited with {}", script.display(), o.status);
+            return;
+        }
+        Err(e) => {
+            println!("python peer: cannot run {}: {e}", python.display());
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    let field = |line: &str, key: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let Some(line) = stdout.lines().find(|l| l.starts_with("PYTEXT ")) else {
+        println!("python peer: no PYTEXT line in its output");
+        return;
+    };
+    let (Some(py), py_insult) = (field(line, "msgs_per_s"), field(line, "mean_insult")) else {
+        println!("python peer: no msgs_per_s in `{line}`");
+        return;
+    };
+    println!(
+        "text model vs python (onnxruntime+tokenizers, length-sorted, best batch, {} intra-op \
+         threads): rust batcher {batched:.0} msgs/s ({:.2}x), rust direct {direct:.0} msgs/s \
+         ({:.2}x), python {py:.0} msgs/s; mean insult score rust {mean_insult:.5} python {}",
+        args.intra_threads,
+        batched / py,
+        direct / py,
+        py_insult.map_or("?".to_string(), |v| format!("{v:.5}"))
+    );
+    if let Some(arrival) = stdout
+        .lines()
+        .find(|l| l.starts_with("PYTEXT_ARRIVAL "))
+        .and_then(|l| field(l, "msgs_per_s"))
+    {
+        println!(
+            "text model vs python, arrival-order batches of {} (as a service batches): rust \
+             batcher {batched:.0} msgs/s, python {arrival:.0} msgs/s: {:.2}x",
+            args.batch,
+            batched / arrival
+        );
+    }
 }
