@@ -18,7 +18,7 @@ use super::normalize::{
     HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced,
 };
 use super::{Match, Severity};
-use aho_corasick::automaton::Automaton;
+use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::dfa::DFA;
 use aho_corasick::{Anchored, MatchKind, StartKind};
 use std::collections::HashMap;
@@ -411,6 +411,9 @@ impl Lexicon {
                 inner.search(searcher, bytes, runs, chains, raw, allow);
             }
         }
+        if scratch.raw.is_empty() {
+            return;
+        }
         for &(s, e, idx) in &scratch.raw {
             if scratch.allow.iter().any(|&(a, b)| a <= s && e <= b) {
                 continue;
@@ -659,6 +662,123 @@ struct Searcher {
     dfa: DFA,
     /// Its pattern ids → indices into `Inner::pattern_cands`.
     ids: Vec<u32>,
+    /// Anchored searchers over `[a-z ]` patterns only: which walks from the start state
+    /// may find something, by the first bytes, so [`Inner::search_words`] can skip the rest.
+    prefix: Option<Prefixes>,
+}
+
+/// Per first three or four bytes of a walk: whether it may find something.
+struct Prefixes {
+    /// One bit per three bytes ([`prefix_index`]): clear when a walk from the start state
+    /// over them dies without passing a match.
+    three: Box<[u64]>,
+    /// One bit per hash of four bytes ([`prefix4_index`]): clear when for every four bytes
+    /// with that hash a walk over them dies without passing a match.
+    four: Box<[u64]>,
+}
+
+impl Prefixes {
+    /// Whether a walk from the start state at the start of `bytes` may find something.
+    #[inline]
+    fn may_start(&self, bytes: &[u8]) -> bool {
+        let bit = |table: &[u64], k: usize| table[k / 64] >> (k % 64) & 1 != 0;
+        match *bytes {
+            [x, y, z, w, ..] => bit(&self.four, prefix4_index([x, y, z, w])),
+            [x, y, z] => bit(&self.three, prefix_index([x, y, z])),
+            _ => true,
+        }
+    }
+}
+
+/// Byte classes of [`Prefixes`].
+const PREFIX_CLASSES: usize = 28;
+
+/// Per byte: `a..=z` → 0..=25, space → 26, any other byte → 27 (a byte no pattern of a
+/// prefix-filtered searcher holds, so all of them act alike in its DFA).
+static PREFIX_CLASS: [u8; 256] = {
+    let mut t = [27u8; 256];
+    let mut b = b'a';
+    while b <= b'z' {
+        t[b as usize] = b - b'a';
+        b += 1;
+    }
+    t[b' ' as usize] = 26;
+    t
+};
+
+/// Index into [`Prefixes::three`] of the three bytes `b`.
+#[inline]
+fn prefix_index(b: [u8; 3]) -> usize {
+    let [x, y, z] = b.map(|b| usize::from(PREFIX_CLASS[usize::from(b)]));
+    (x * PREFIX_CLASSES + y) * PREFIX_CLASSES + z
+}
+
+/// Index into [`Prefixes::four`] of the four bytes `b`: a 16-bit hash of their classes.
+#[inline]
+fn prefix4_index(b: [u8; 4]) -> usize {
+    let w = usize::from(PREFIX_CLASS[usize::from(b[3])]);
+    let key = (prefix_index([b[0], b[1], b[2]]) * PREFIX_CLASSES + w) as u32;
+    (key.wrapping_mul(0x9E37_79B1) >> 16) as usize
+}
+
+/// The [`Prefixes`] of the anchored `dfa` over `patterns`, or `None` when some pattern holds
+/// a byte other than `a..=z` and space.
+fn prefix_table<'a>(dfa: &DFA, mut patterns: impl Iterator<Item = &'a String>) -> Option<Prefixes> {
+    if !patterns.all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b == b' ')) {
+        return None;
+    }
+    let start = dfa.start_state(Anchored::Yes).ok()?;
+    let rep = |c: usize| match c {
+        0..=25 => b'a' + c as u8,
+        26 => b' ',
+        _ => b'*',
+    };
+    // What a walk over some bytes comes to.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Walk {
+        Dead,
+        Matched,
+        Alive(StateID),
+    }
+    let step = |walk: Walk, b: u8| match walk {
+        Walk::Alive(sid) => {
+            let sid = dfa.next_state(Anchored::Yes, sid, b);
+            if dfa.is_dead(sid) {
+                Walk::Dead
+            } else if dfa.is_match(sid) {
+                Walk::Matched
+            } else {
+                Walk::Alive(sid)
+            }
+        }
+        done => done,
+    };
+    let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
+    let n = PREFIX_CLASSES * PREFIX_CLASSES * PREFIX_CLASSES;
+    let mut three = vec![0u64; n.div_ceil(64)];
+    let mut four = vec![0u64; (1 << 16) / 64];
+    for x in 0..PREFIX_CLASSES {
+        for y in 0..PREFIX_CLASSES {
+            for z in 0..PREFIX_CLASSES {
+                let bytes = [rep(x), rep(y), rep(z)];
+                let walk = bytes.iter().fold(Walk::Alive(start), |w, &b| step(w, b));
+                if walk == Walk::Dead {
+                    continue;
+                }
+                set(&mut three, prefix_index(bytes));
+                for w in 0..PREFIX_CLASSES {
+                    if step(walk, rep(w)) != Walk::Dead {
+                        let [a, b, c] = bytes;
+                        set(&mut four, prefix4_index([a, b, c, rep(w)]));
+                    }
+                }
+            }
+        }
+    }
+    Some(Prefixes {
+        three: three.into_boxed_slice(),
+        four: four.into_boxed_slice(),
+    })
 }
 
 impl Searcher {
@@ -695,9 +815,14 @@ impl Searcher {
             .start_kind(kind)
             .prefilter(false)
             .build(ids.iter().map(|&i| &patterns[i]))?;
+        let prefix = match kind {
+            StartKind::Anchored => prefix_table(&dfa, ids.iter().map(|&i| &patterns[i])),
+            _ => None,
+        };
         Ok(Searcher {
             dfa,
             ids: ids.into_iter().map(|i| i as u32).collect(),
+            prefix,
         })
     }
 }
@@ -761,35 +886,82 @@ impl Inner {
         let Ok(start) = dfa.start_state(Anchored::Yes) else {
             return;
         };
-        for s in 0..bytes.len() {
-            let word_start = s == 0 || bytes[s - 1] == b' ';
-            if !word_start
-                && !chains
-                    .iter()
-                    .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
-            {
-                continue;
-            }
-            let mut sid = start;
-            let mut at = s;
-            while at < bytes.len() {
-                sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
-                at += 1;
-                if !dfa.is_special(sid) {
-                    continue;
-                }
-                if dfa.is_dead(sid) {
-                    break;
-                }
-                if !dfa.is_match(sid) {
-                    continue;
-                }
-                for k in 0..dfa.match_len(sid) {
-                    let pid = dfa.match_pattern(sid, k);
-                    if at - dfa.pattern_len(pid) == s {
-                        self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+        let walk =
+            |s: usize, raw: &mut Vec<(usize, usize, u32)>, allow: &mut Vec<(usize, usize)>| {
+                let mut sid = start;
+                let mut at = s;
+                while at < bytes.len() {
+                    sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
+                    at += 1;
+                    if !dfa.is_special(sid) {
+                        continue;
+                    }
+                    if dfa.is_dead(sid) {
+                        break;
+                    }
+                    if !dfa.is_match(sid) {
+                        continue;
+                    }
+                    for k in 0..dfa.match_len(sid) {
+                        let pid = dfa.match_pattern(sid, k);
+                        if at - dfa.pattern_len(pid) == s {
+                            self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+                        }
                     }
                 }
+            };
+        // Whether the walk from `s` (a position of `bytes`) may find something.
+        let may_start = |s: usize| {
+            searcher
+                .prefix
+                .as_ref()
+                .is_none_or(|p| p.may_start(&bytes[s..]))
+        };
+        if !chains.is_empty() {
+            for s in 0..bytes.len() {
+                let word_start = s == 0 || bytes[s - 1] == b' ';
+                let in_chain = || {
+                    chains
+                        .iter()
+                        .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
+                };
+                if (word_start || in_chain()) && may_start(s) {
+                    walk(s, raw, allow);
+                }
+            }
+            return;
+        }
+        // No chain: the word starts only, found 64 bytes at a time, and the ones the prefix
+        // table lets through listed without branching on it.
+        let mut carry = 1u64;
+        for (chunk, base) in bytes.chunks(64).zip((0..).step_by(64)) {
+            let mut spaces = 0u64;
+            if let Ok(full) = <&[u8; 64]>::try_from(chunk) {
+                // Fixed length: the compiler turns this into vector compares.
+                for (i, &b) in full.iter().enumerate() {
+                    spaces |= u64::from(b == b' ') << i;
+                }
+            } else {
+                for (i, &b) in chunk.iter().enumerate() {
+                    spaces |= u64::from(b == b' ') << i;
+                }
+            }
+            let mut starts = spaces << 1 | carry;
+            carry = spaces >> 63;
+            if chunk.len() < 64 {
+                starts &= (1u64 << chunk.len()) - 1;
+            }
+            // Offsets in the chunk.
+            let mut list = [0u8; 64];
+            let mut n = 0;
+            while starts != 0 {
+                let i = starts.trailing_zeros() as u8;
+                starts &= starts - 1;
+                list[n] = i;
+                n += usize::from(may_start(base + usize::from(i)));
+            }
+            for &i in &list[..n] {
+                walk(base + usize::from(i), raw, allow);
             }
         }
     }
@@ -1121,6 +1293,61 @@ mod tests {
             add_file(&mut sources, &format!("{cat}.txt"), text).unwrap();
         }
         Lexicon::build(sources).unwrap()
+    }
+
+    #[test]
+    fn word_prefix_tables_never_skip_a_match() {
+        let lex = Lexicon::embedded().unwrap();
+        let inner = &*lex.inner;
+        let words = inner.words.as_ref().unwrap();
+        let prefix = words.prefix.as_ref().expect("word patterns are all [a-z ]");
+        let dfa = &words.dfa;
+        let start = dfa.start_state(Anchored::Yes).unwrap();
+        let finds = |text: &[u8]| {
+            let mut sid = start;
+            for &b in text {
+                sid = dfa.next_state(Anchored::Yes, sid, b);
+                if dfa.is_dead(sid) {
+                    return false;
+                }
+                if dfa.is_match(sid) {
+                    return true;
+                }
+            }
+            false
+        };
+        let mut texts: Vec<String> = Vec::new();
+        for e in &inner.entries {
+            for t in [&e.term[..], "x", "ab", "a*"] {
+                texts.push(format!("{}{t}", e.term));
+                texts.push(format!("{} {t}", e.term));
+            }
+            texts.extend((1..=4).map(|k| e.term.chars().take(k).collect()));
+        }
+        let alphabet = b"abcfiknstu *";
+        for k in 0..alphabet.len().pow(4) {
+            let mut t = String::new();
+            let mut k = k;
+            for _ in 0..4 {
+                t.push(char::from(alphabet[k % alphabet.len()]));
+                k /= alphabet.len();
+            }
+            texts.push(t);
+        }
+        let mut found = 0;
+        for text in &texts {
+            if finds(text.as_bytes()) {
+                found += 1;
+                assert!(prefix.may_start(text.as_bytes()), "{text:?}");
+            }
+        }
+        assert!(found > 1000, "{found}");
+        // And it does skip most clean words.
+        let skipped = ["hello", "world", "thanks", "meeting", "tomorrow", "what"]
+            .iter()
+            .filter(|w| !prefix.may_start(w.as_bytes()))
+            .count();
+        assert!(skipped >= 3, "{skipped}");
     }
 
     #[test]

@@ -226,10 +226,15 @@ fn letters_at(bytes: &[u8], at: usize) -> usize {
     const HI: u64 = 0x8080_8080_8080_8080;
     let mut i = at;
     loop {
-        let mut chunk = [0u8; 8];
-        let avail = bytes.len().saturating_sub(i).min(8);
-        chunk[..avail].copy_from_slice(&bytes[i..i + avail]);
-        let v = u64::from_le_bytes(chunk);
+        let v = match bytes.get(i..i + 8) {
+            Some(eight) => u64::from_le_bytes(eight.try_into().unwrap_or_default()),
+            None => {
+                let mut chunk = [0u8; 8];
+                let avail = bytes.len().saturating_sub(i).min(8);
+                chunk[..avail].copy_from_slice(&bytes[i..i + avail]);
+                u64::from_le_bytes(chunk)
+            }
+        };
         // Per byte (7-bit after masking, so no carries between bytes): folded to lowercase,
         // `>= b'a'` and `>= b'{'`.
         let y = (v | (0x20 * LO)) & !HI;
