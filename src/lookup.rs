@@ -761,34 +761,6 @@ mod tests {
         assert_eq!(s.len(), 1);
     }
 
-    /// Cost of keeping and finding verdicts (run in release with `--ignored --nocapture`).
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn measure_record_and_lookup() {
-        let lookup = VerdictLookup::start(&LookupConfig::default(), None)
-            .expect("starts")
-            .expect("enabled");
-        let verdict = Utf8Bytes::from(format!(
-            "{{\"type\":\"verdict\",\"pad\":\"{}\"}}",
-            "x".repeat(480)
-        ));
-        let n = 200_000;
-        let ids: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
-        let started = std::time::Instant::now();
-        for id in &ids {
-            lookup.record("acme", id, &verdict);
-        }
-        let record = started.elapsed() / n;
-        let started = std::time::Instant::now();
-        let mut hits = 0;
-        for id in &ids {
-            hits += usize::from(lookup.lookup_local("acme", id).is_some());
-        }
-        let get = started.elapsed() / n;
-        assert_eq!(hits, 100_000);
-        eprintln!("record {record:?}/verdict (with eviction), lookup {get:?}/lookup");
-    }
-
     #[test]
     fn keys_keep_tenants_apart() {
         assert_ne!(entry_key("a:b", "c"), entry_key("a", "b:c"));
