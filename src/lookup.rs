@@ -25,7 +25,7 @@
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -34,6 +34,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Most verdicts queued for Redis before new writes are dropped.
 const REDIS_QUEUE_LEN: usize = 16_384;
+/// Most verdict bytes queued for Redis (while it is down) before new writes are dropped: the
+/// count bound alone would allow `REDIS_QUEUE_LEN` × `max_verdict_bytes` (1 GiB at the default).
+const REDIS_QUEUE_BYTES: usize = 64 << 20;
 /// Most verdicts written to Redis in one pipelined round trip.
 const REDIS_BATCH: usize = 256;
 /// Backoff bounds between Redis reconnect attempts.
@@ -280,6 +283,8 @@ struct Shared {
     writes_tx: mpsc::Sender<Write>,
     /// The connection the writer keeps up; `None` while Redis is unreachable.
     conn: Arc<Mutex<Option<Conn>>>,
+    /// Verdict bytes in the queue (bounded by [`REDIS_QUEUE_BYTES`]).
+    queued_bytes: Arc<AtomicUsize>,
     /// `P:v:`.
     key_prefix: String,
     /// Longest wait for a lookup's round trip.
@@ -334,17 +339,20 @@ impl VerdictLookup {
                     .map_err(|e| LookupError::RedisUrl(e.to_string()))?;
                 let (writes_tx, writes_rx) = mpsc::channel(REDIS_QUEUE_LEN);
                 let conn = Arc::new(Mutex::new(None));
+                let queued_bytes = Arc::new(AtomicUsize::new(0));
                 let writer = Writer {
                     client,
                     timeout: target.timeout,
                     ttl_ms,
                     conn: conn.clone(),
                     stats: stats.clone(),
+                    queued_bytes: queued_bytes.clone(),
                 };
                 tokio::spawn(writer.run(writes_rx));
                 Some(Shared {
                     writes_tx,
                     conn,
+                    queued_bytes,
                     key_prefix: format!("{}:v:", target.prefix),
                     timeout: target.timeout,
                 })
@@ -399,7 +407,17 @@ impl VerdictLookup {
                 json: json.clone(),
                 at: Instant::now(),
             };
-            if shared.writes_tx.try_send(write).is_err() {
+            let len = json.len();
+            let admitted = shared
+                .queued_bytes
+                .fetch_update(Relaxed, Relaxed, |q| {
+                    (q + len <= REDIS_QUEUE_BYTES).then_some(q + len)
+                })
+                .is_ok();
+            if !admitted {
+                inner.stats.shared_dropped.fetch_add(1, Relaxed);
+            } else if shared.writes_tx.try_send(write).is_err() {
+                shared.queued_bytes.fetch_sub(len, Relaxed);
                 inner.stats.shared_dropped.fetch_add(1, Relaxed);
             }
         }
@@ -593,6 +611,8 @@ struct Writer {
     conn: Arc<Mutex<Option<Conn>>>,
     /// Counters.
     stats: Arc<LookupStats>,
+    /// Verdict bytes in the queue; the writer gives back what it takes off.
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -655,6 +675,8 @@ impl Writer {
                     if n == 0 {
                         return None;
                     }
+                    let taken: usize = batch.iter().map(|w| w.json.len()).sum();
+                    self.queued_bytes.fetch_sub(taken, Relaxed);
                     let now = Instant::now();
                     let mut pipe = redis::pipe();
                     let mut expired = 0;
@@ -759,6 +781,36 @@ mod tests {
             (0, 1)
         );
         assert_eq!(s.len(), 1);
+    }
+
+    /// While Redis is unreachable the write-behind queue is bounded by bytes, not only by count:
+    /// big verdicts past [`REDIS_QUEUE_BYTES`] are dropped (counted) and still kept locally.
+    #[tokio::test]
+    async fn the_redis_queue_is_bounded_by_bytes_while_redis_is_down() {
+        let target = SharedTarget {
+            // Nothing listens on port 1: the writer never connects, so nothing leaves the queue.
+            url: "redis://127.0.0.1:1/".into(),
+            prefix: "cg-test".into(),
+            timeout: Duration::from_millis(50),
+        };
+        let lookup = VerdictLookup::start(&LookupConfig::default(), Some(target))
+            .expect("starts")
+            .expect("enabled");
+        let verdict = Utf8Bytes::from("x".repeat(60 << 10));
+        let n = 1100;
+        for i in 0..n {
+            lookup.record("acme", &format!("m-{i}"), &verdict);
+        }
+        let fit = REDIS_QUEUE_BYTES / verdict.len();
+        assert!(
+            fit < n && fit < REDIS_QUEUE_LEN,
+            "the byte bound is what binds here"
+        );
+        assert_eq!(
+            lookup.stats().shared_dropped.load(Relaxed),
+            (n - fit) as u64
+        );
+        assert!(lookup.lookup_local("acme", "m-1099").is_some());
     }
 
     #[test]
