@@ -252,6 +252,20 @@ impl Moderator {
         if let Some(status) = self.inner.images.status() {
             out.push(("image_model", status, false));
         }
+        if let Some(t) = &self.inner.tracker
+            && t.config().store == crate::behaviour::StoreKind::Redis
+        {
+            // Not required: verdicts go on from local state while Redis is away.
+            let status = if t.degraded() {
+                Err(format!(
+                    "Redis at {} unreachable: answering from local state, reconciling when it is back",
+                    t.config().redis_url
+                ))
+            } else {
+                Ok(())
+            };
+            out.push(("shared_state", status, false));
+        }
         out
     }
 
@@ -259,6 +273,14 @@ impl Moderator {
     pub fn render_metrics(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        if let Some(t) = &self.inner.tracker {
+            let _ = writeln!(
+                out,
+                "# HELP chatguard_behaviour_persist_errors_total Failed writes, fsyncs and snapshots of the behaviour journal and snapshot (see the error log).\n# TYPE chatguard_behaviour_persist_errors_total counter\nchatguard_behaviour_persist_errors_total {}\n# HELP chatguard_behaviour_tracked_users Senders with a behaviour record in memory.\n# TYPE chatguard_behaviour_tracked_users gauge\nchatguard_behaviour_tracked_users {}",
+                t.persist_errors(),
+                t.tracked_users()
+            );
+        }
         if let TextModel::Ready(c) = &self.inner.text_model {
             let s = c.stats();
             for (name, help, v) in [

@@ -647,3 +647,42 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     assert_eq!(http_get(admin_addr, "/nope").await.0, 404);
     server.stop().await;
 }
+
+/// `/readyz` reports the Redis behaviour store: `shared_state` unavailable (naming the URL)
+/// while Redis cannot be reached, without making the sidecar unready (verdicts go on).
+#[tokio::test]
+async fn readyz_reports_an_unreachable_redis_store() {
+    let server = crate::webhook::Server::start_plain(|raw| {
+        raw.behaviour.store = chatguard::behaviour::StoreKind::Redis;
+        // Nothing listens on port 1.
+        raw.behaviour.redis_url = "redis://127.0.0.1:1/".into();
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = http_get(server.admin, "/readyz").await;
+        assert_eq!(status, 200, "degraded shared state is still ready: {body}");
+        let v: Value = serde_json::from_str(&body).expect("readyz JSON");
+        let state = v["stages"]["shared_state"].as_str().unwrap_or_default();
+        if state.starts_with("unavailable") {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "shared_state never reported unreachable: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        body["stages"]["shared_state"]
+            .as_str()
+            .is_some_and(|s| s.contains("redis://127.0.0.1:1/")),
+        "{body}"
+    );
+    assert_eq!(body["ready"], true, "{body}");
+    let mut ws = server.connect().await;
+    send(&mut ws, moderate("r1", "hello")).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["degraded"], json!(["shared_state"]), "{v}");
+    server.stop().await;
+}

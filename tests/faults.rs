@@ -492,6 +492,13 @@ async fn full_disk_for_the_snapshot_while_serving_keeps_verdicts_coming() {
                 .is_some_and(|e| e.contains("No space left on device"))
     };
     server.wait_log(failed);
+    let (_, metrics) = server.admin_get("/metrics").await;
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chatguard_behaviour_persist_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("persist error counter exposed");
+    assert!(errors >= 1.0, "the failed snapshot is counted: {errors}");
     // Verdicts and sanctions continue meanwhile.
     let mut sanctioned = false;
     for i in 0..10 {

@@ -149,7 +149,7 @@ pub(crate) struct Server {
     /// WebSocket address.
     addr: SocketAddr,
     /// Admin address (`/metrics`).
-    admin: SocketAddr,
+    pub(crate) admin: SocketAddr,
     /// Cancels it.
     shutdown: CancellationToken,
     /// The server task.

@@ -37,6 +37,7 @@ use futures_util::future::BoxFuture;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -257,6 +258,8 @@ struct Writer {
     keys: KeyHasher,
     /// The live journal.
     journal: BufWriter<File>,
+    /// Failed journal writes, fsyncs and snapshots (`/metrics`).
+    errors: Arc<AtomicU64>,
 }
 
 impl FileBackend {
@@ -267,6 +270,7 @@ impl FileBackend {
         store: Arc<MemoryStore>,
         keys: KeyHasher,
         interval: Duration,
+        errors: Arc<AtomicU64>,
     ) -> Result<FileBackend, BehaviourError> {
         if let Some(dir) = paths.snapshot.parent()
             && !dir.as_os_str().is_empty()
@@ -283,6 +287,7 @@ impl FileBackend {
             store,
             keys,
             journal,
+            errors,
         };
         let (tx, rx) = channel();
         std::thread::Builder::new()
@@ -462,6 +467,7 @@ impl Writer {
 
     fn append(&mut self, entry: &[u8; ENTRY_BYTES]) {
         if let Err(e) = self.journal.write_all(entry) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, path = %self.paths.journal.display(),
                 "cannot write the behaviour journal");
         }
@@ -473,6 +479,7 @@ impl Writer {
             .flush()
             .and_then(|()| self.journal.get_ref().sync_data());
         if let Err(e) = synced {
+            self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, path = %self.paths.journal.display(),
                 "cannot fsync the behaviour journal");
         }
@@ -486,8 +493,11 @@ impl Writer {
                 took_ms = started.elapsed().as_millis() as u64,
                 "behaviour snapshot written"
             ),
-            Err(e) => tracing::error!(error = %e, path = %self.paths.snapshot.display(),
-                "cannot write the behaviour snapshot; the journal keeps growing"),
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, path = %self.paths.snapshot.display(),
+                    "cannot write the behaviour snapshot; the journal keeps growing");
+            }
         }
     }
 
@@ -593,6 +603,7 @@ mod tests {
             first.clone(),
             keys,
             Duration::from_secs(3600),
+            Arc::default(),
         )
         .expect("start");
         // Two changes to user 2: the later one wins on replay.
@@ -627,6 +638,7 @@ mod tests {
             second.clone(),
             keys,
             Duration::from_secs(3600),
+            Arc::default(),
         )
         .expect("restart");
         assert!(!paths.journal_prev.exists());

@@ -25,6 +25,7 @@ use governor::clock::DefaultClock;
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -69,6 +70,8 @@ struct Inner {
     backends: Vec<Arc<dyn Backend>>,
     /// Some backend wants violations and first sights (Redis).
     wants_activity: bool,
+    /// Failed journal writes, fsyncs and snapshots of the `memory` backend's files.
+    persist_errors: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -110,7 +113,7 @@ impl Tracker {
     /// zero rate counts as 1 per second). Works outside a runtime.
     pub fn new(cfg: BehaviourConfig) -> Tracker {
         let store = Arc::new(MemoryStore::new(&cfg));
-        Tracker::assemble(cfg, store, KeyHasher::random(), Vec::new())
+        Tracker::assemble(cfg, store, KeyHasher::random(), Vec::new(), Arc::default())
     }
 
     /// The tracker `cfg` describes: restores the snapshot and journal of `snapshot_path` (if
@@ -123,15 +126,17 @@ impl Tracker {
         let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
         let mut keys = KeyHasher::random();
         let mut journal: Option<Arc<dyn Backend>> = None;
+        let persist_errors = Arc::new(AtomicU64::new(0));
         match &cfg.snapshot_path {
             Some(path) => {
                 let paths = Paths::new(path);
                 let interval = Duration::from_secs(cfg.snapshot_interval_secs.max(1));
                 let store2 = store.clone();
+                let errors = persist_errors.clone();
                 let started = tokio::task::spawn_blocking(move || {
                     let restored = super::persist::restore(&paths, &store2)?;
                     let keys = restored.keys.unwrap_or(keys);
-                    let file = FileBackend::start(paths, store2, keys, interval)?;
+                    let file = FileBackend::start(paths, store2, keys, interval, errors)?;
                     Ok::<_, BehaviourError>((restored, keys, file))
                 })
                 .await
@@ -168,7 +173,7 @@ impl Tracker {
             // Redis first: its last merges may still go to the journal at shutdown.
             backends.insert(0, Arc::new(redis));
         }
-        let tracker = Tracker::assemble(cfg, store, keys, backends);
+        let tracker = Tracker::assemble(cfg, store, keys, backends, persist_errors);
         Ok((tracker, RemoteEvents { rx: events_rx }))
     }
 
@@ -177,6 +182,7 @@ impl Tracker {
         store: Arc<MemoryStore>,
         keys: KeyHasher,
         backends: Vec<Arc<dyn Backend>>,
+        persist_errors: Arc<AtomicU64>,
     ) -> Tracker {
         let per_second = NonZeroU32::new(cfg.flood_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(cfg.flood_burst).unwrap_or(NonZeroU32::MIN);
@@ -198,6 +204,7 @@ impl Tracker {
                 keys,
                 wants_activity: backends.iter().any(|b| b.wants_activity()),
                 backends,
+                persist_errors,
             }),
         }
     }
@@ -542,6 +549,13 @@ impl Tracker {
     /// and should say so (`degraded: ["shared_state"]`).
     pub fn degraded(&self) -> bool {
         self.inner.backends.iter().any(|b| b.degraded())
+    }
+
+    /// Failed journal writes, fsyncs and snapshots since start (the `memory` backend's files).
+    pub fn persist_errors(&self) -> u64 {
+        self.inner
+            .persist_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many senders are tracked now.
