@@ -264,11 +264,6 @@ impl Policy {
             .unwrap_or(self.default_thresholds)
     }
 
-    /// The action one label's score calls for under this policy.
-    pub fn label_action(&self, label: &str, score: f32) -> Action {
-        self.action_for(label, score)
-    }
-
     /// Folds per-image verdicts into a message decision: the message's action becomes the most
     /// severe of its own and the images'; image labels that reach `review` join the message's
     /// labels (strongest per label and source) and its severity. An image error raises
@@ -280,7 +275,7 @@ impl Policy {
         for image in images {
             decision.action = decision.action.max(image.action);
             for l in &image.labels {
-                let action = self.action_for(l.label, l.score);
+                let action = self.label_action(l.label, l.score);
                 if action == Action::Allow {
                     continue;
                 }
@@ -295,29 +290,33 @@ impl Policy {
                 );
             }
         }
+        (decision.label, decision.score) = self.rank(&mut decision.labels);
+    }
+
+    /// Sorts `labels` strongest first (by the action each calls for, then score) and returns
+    /// the top label and its score.
+    fn rank(&self, labels: &mut [LabelScore]) -> (Option<&'static str>, f32) {
         let rank = |l: &LabelScore| {
             let a = match l.source {
                 Source::Behaviour if l.label == "spam" => self.flood_action,
                 Source::Behaviour => self.sanctioned_action,
-                _ => self.action_for(l.label, l.score),
+                _ => self.label_action(l.label, l.score),
             };
             (a, l.score)
         };
-        decision.labels.sort_by(|a, b| {
+        labels.sort_by(|a, b| {
             rank(b)
                 .partial_cmp(&rank(a))
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-        let (label, score) = decision
-            .labels
+        labels
             .first()
             .map(|l| (Some(l.label), l.score))
-            .unwrap_or((None, 0.0));
-        decision.label = label;
-        decision.score = score;
+            .unwrap_or((None, 0.0))
     }
 
-    fn action_for(&self, label: &str, score: f32) -> Action {
+    /// The action one label's score calls for under this policy.
+    pub fn label_action(&self, label: &str, score: f32) -> Action {
         let t = self.thresholds(label);
         if score >= t.block {
             Action::Block
@@ -485,7 +484,7 @@ impl Policy {
         }
         let content_action = labels
             .iter()
-            .map(|l| self.action_for(l.label, l.score))
+            .map(|l| self.label_action(l.label, l.score))
             .max()
             .unwrap_or(Action::Allow);
 
@@ -504,23 +503,7 @@ impl Policy {
             action = action.max(self.sanctioned_action);
         }
 
-        let rank = |l: &LabelScore| {
-            let a = match l.source {
-                Source::Behaviour if l.label == "spam" => self.flood_action,
-                Source::Behaviour => self.sanctioned_action,
-                _ => self.action_for(l.label, l.score),
-            };
-            (a, l.score)
-        };
-        labels.sort_by(|a, b| {
-            rank(b)
-                .partial_cmp(&rank(a))
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        let (label, score) = labels
-            .first()
-            .map(|l| (Some(l.label), l.score))
-            .unwrap_or((None, 0.0));
+        let (label, score) = self.rank(&mut labels);
         Decision {
             action,
             content_action,
