@@ -13,7 +13,7 @@
 //! Redis down (`behaviour::a_redis_outage_degrades_verdicts_and_reconciles_after`).
 
 use base64::Engine;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -25,11 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_tungstenite::connect_async;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const TOKEN: &str = "test-token-acme";
+use crate::common::{TOKEN, Ws, send};
 
 /// Upper bound for anything the tests wait on (a debug build on a busy machine is slow); the
 /// tests assert what happens, never how fast.
@@ -157,12 +155,7 @@ impl Proc {
 
     /// The value of one metric line (`name{labels}`), 0 if absent.
     async fn metric(&self, name: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics").await;
-        body.lines()
-            .filter_map(|l| l.rsplit_once(' '))
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0.0)
+        crate::common::metric(self.admin, name).await
     }
 }
 
@@ -236,10 +229,6 @@ async fn connect(addr: SocketAddr) -> Result<Ws, WsError> {
         .await
         .expect("handshake finishes")
         .map(|(ws, _)| ws)
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.expect("send");
 }
 
 /// The next JSON text frame.
@@ -492,12 +481,9 @@ async fn full_disk_for_the_snapshot_while_serving_keeps_verdicts_coming() {
                 .is_some_and(|e| e.contains("No space left on device"))
     };
     server.wait_log(failed);
-    let (_, metrics) = server.admin_get("/metrics").await;
-    let errors: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("chatguard_behaviour_persist_errors_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("persist error counter exposed");
+    let errors = server
+        .metric("chatguard_behaviour_persist_errors_total")
+        .await;
     assert!(errors >= 1.0, "the failed snapshot is counted: {errors}");
     // Verdicts and sanctions continue meanwhile.
     let mut sanctioned = false;
