@@ -22,6 +22,8 @@ pub const TOKEN: &str = "test-token-acme";
 pub struct Server {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: SocketAddr,
     /// Cancels the server.
     shutdown: CancellationToken,
     /// The server task.
@@ -41,14 +43,29 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind port 0");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin port 0");
         let addr = listener.local_addr().expect("local addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chatguard::server::run(listener, config, shutdown.clone()));
+        let task = tokio::spawn(chatguard::server::run_with_admin(
+            listener,
+            Some(admin),
+            config,
+            shutdown.clone(),
+        ));
         Server {
             addr,
+            admin: admin_addr,
             shutdown,
             task,
         }
+    }
+
+    /// The value of one `/metrics` series, 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric(self.admin, series).await
     }
 
     /// Connects with [`TOKEN`].

@@ -652,7 +652,7 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
 /// while Redis cannot be reached, without making the sidecar unready (verdicts go on).
 #[tokio::test]
 async fn readyz_reports_an_unreachable_redis_store() {
-    let server = crate::webhook::Server::start_plain(|raw| {
+    let server = crate::common::Server::start(|raw| {
         raw.behaviour.store = chatguard::behaviour::StoreKind::Redis;
         // Nothing listens on port 1.
         raw.behaviour.redis_url = "redis://127.0.0.1:1/".into();

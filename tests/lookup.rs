@@ -211,7 +211,7 @@ async fn bad_lookup_requests_get_bad_request() {
 
 #[tokio::test]
 async fn lookups_evictions_and_skips_are_counted_in_metrics() {
-    let server = crate::webhook::Server::start_plain(|raw| {
+    let server = Server::start(|raw| {
         raw.lookup.max_entries = 1;
         raw.lookup.max_verdict_bytes = 600;
     })
@@ -234,7 +234,7 @@ async fn lookups_evictions_and_skips_are_counted_in_metrics() {
         ("chatguard_lookup_evictions_total", 1),
         ("chatguard_lookup_skipped_total", 1),
     ] {
-        assert_eq!(server.metric(name).await, want, "{name}");
+        assert_eq!(server.metric(name).await, f64::from(want), "{name}");
     }
     server.stop().await;
 }

@@ -6,7 +6,7 @@
 //! and counted; an event type not in `webhook.events` is not posted; a `room_alarm` is posted
 //! like a sanction.
 
-use crate::common::{TOKEN, Ws, recv, send};
+use crate::common::{Server, Ws, recv, send};
 use chatguard::config::{Config, RawConfig};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 /// What the test endpoint answers to one request.
 #[derive(Debug, Clone, Copy)]
@@ -144,91 +143,31 @@ async fn read_request(stream: &mut TcpStream) -> Option<Received> {
     })
 }
 
-/// The real server with its admin endpoint (also used by the lookup tests for `/metrics`).
-pub(crate) struct Server {
-    /// WebSocket address.
-    addr: SocketAddr,
-    /// Admin address (`/metrics`).
-    pub(crate) admin: SocketAddr,
-    /// Cancels it.
-    shutdown: CancellationToken,
-    /// The server task.
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+/// Starts a server whose webhook posts to `hook` (`edit` adjusts the rest).
+async fn start(hook: SocketAddr, edit: impl FnOnce(&mut RawConfig)) -> Server {
+    Server::start(|raw| {
+        raw.webhook.url = Some(format!("http://{hook}/hooks/chatguard"));
+        raw.webhook.token = Some("hook-secret".into());
+        raw.webhook.backoff_ms = 10;
+        raw.webhook.max_backoff_ms = 40;
+        edit(raw);
+    })
+    .await
 }
 
-impl Server {
-    /// Starts a server whose webhook posts to `hook` (`edit` adjusts the rest).
-    async fn start(hook: SocketAddr, edit: impl FnOnce(&mut RawConfig)) -> Server {
-        Server::start_plain(|raw| {
-            raw.webhook.url = Some(format!("http://{hook}/hooks/chatguard"));
-            raw.webhook.token = Some("hook-secret".into());
-            raw.webhook.backoff_ms = 10;
-            raw.webhook.max_backoff_ms = 40;
-            edit(raw);
-        })
-        .await
-    }
-
-    /// Starts a server (text model off, [`TOKEN`] for tenant `acme`) with its admin endpoint.
-    pub(crate) async fn start_plain(edit: impl FnOnce(&mut RawConfig)) -> Server {
-        let mut raw = RawConfig::default();
-        raw.text_model.enabled = false;
-        raw.auth.tokens.insert(TOKEN.into(), "acme".into());
-        edit(&mut raw);
-        let config = Config::build(raw).expect("valid config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let (addr, admin_addr) = (
-            listener.local_addr().expect("addr"),
-            admin.local_addr().expect("admin addr"),
+/// Polls the counter `name` until it equals `want` (10 s at most).
+async fn wait_metric(server: &Server, name: &str, want: f64) {
+    let started = Instant::now();
+    loop {
+        let got = server.metric(name).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} = {got}, expected {want}"
         );
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chatguard::server::run_with_admin(
-            listener,
-            Some(admin),
-            config,
-            shutdown.clone(),
-        ));
-        Server {
-            addr,
-            admin: admin_addr,
-            shutdown,
-            task,
-        }
-    }
-
-    pub(crate) async fn connect(&self) -> Ws {
-        crate::common::connect_as(self.addr, TOKEN).await
-    }
-
-    /// One counter's value from `/metrics` (0 when absent).
-    pub(crate) async fn metric(&self, name: &str) -> u64 {
-        crate::common::metric(self.admin, name).await as u64
-    }
-
-    /// Polls `name` until it equals `want` (10 s at most).
-    async fn wait_metric(&self, name: &str, want: u64) {
-        let started = Instant::now();
-        loop {
-            let got = self.metric(name).await;
-            if got == want {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{name} = {got}, expected {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub(crate) async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server stops within 10s")
-            .expect("server task did not panic")
-            .expect("server returned Ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -258,7 +197,7 @@ async fn sanction(ws: &mut Ws, id: &str, user: &str) -> Value {
 async fn an_event_answered_500_twice_is_delivered_once_after_two_retries() {
     use Reply::Status;
     let mut hook = Hook::start(vec![Status(500), Status(500), Status(200)]).await;
-    let server = Server::start(hook.addr, |_| {}).await;
+    let server = start(hook.addr, |_| {}).await;
     let mut ws = server.connect().await;
     let event = sanction(&mut ws, "s-1", "u42").await;
 
@@ -275,12 +214,10 @@ async fn an_event_answered_500_twice_is_delivered_once_after_two_retries() {
         let body: Value = serde_json::from_str(&req.body).expect("body is JSON");
         assert_eq!(body, expected, "attempt {attempt}");
     }
-    server
-        .wait_metric("chatguard_webhook_delivered_total", 1)
-        .await;
-    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 2);
-    assert_eq!(server.metric("chatguard_webhook_failed_total").await, 0);
-    assert_eq!(server.metric("chatguard_webhook_dropped_total").await, 0);
+    wait_metric(&server, "chatguard_webhook_delivered_total", 1.0).await;
+    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 2.0);
+    assert_eq!(server.metric("chatguard_webhook_failed_total").await, 0.0);
+    assert_eq!(server.metric("chatguard_webhook_dropped_total").await, 0.0);
     server.stop().await;
     // Delivered once: nothing after the 200, shutdown flush included.
     assert!(hook.received.try_recv().is_err(), "a request after the 200");
@@ -289,17 +226,18 @@ async fn an_event_answered_500_twice_is_delivered_once_after_two_retries() {
 #[tokio::test]
 async fn an_endpoint_that_keeps_failing_gets_max_attempts_and_the_event_fails() {
     let mut hook = Hook::start(vec![Reply::Status(503)]).await;
-    let server = Server::start(hook.addr, |raw| raw.webhook.max_attempts = 3).await;
+    let server = start(hook.addr, |raw| raw.webhook.max_attempts = 3).await;
     let mut ws = server.connect().await;
     sanction(&mut ws, "s-1", "u1").await;
     for _ in 0..3 {
         hook.next().await;
     }
-    server
-        .wait_metric("chatguard_webhook_failed_total", 1)
-        .await;
-    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 2);
-    assert_eq!(server.metric("chatguard_webhook_delivered_total").await, 0);
+    wait_metric(&server, "chatguard_webhook_failed_total", 1.0).await;
+    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 2.0);
+    assert_eq!(
+        server.metric("chatguard_webhook_delivered_total").await,
+        0.0
+    );
     server.stop().await;
     assert!(hook.received.try_recv().is_err(), "more than max_attempts");
 }
@@ -307,28 +245,24 @@ async fn an_endpoint_that_keeps_failing_gets_max_attempts_and_the_event_fails() 
 #[tokio::test]
 async fn a_4xx_answer_is_a_permanent_failure() {
     let mut hook = Hook::start(vec![Reply::Status(400), Reply::Status(200)]).await;
-    let server = Server::start(hook.addr, |_| {}).await;
+    let server = start(hook.addr, |_| {}).await;
     let mut ws = server.connect().await;
     sanction(&mut ws, "s-1", "u1").await;
     hook.next().await;
-    server
-        .wait_metric("chatguard_webhook_failed_total", 1)
-        .await;
-    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 0);
+    wait_metric(&server, "chatguard_webhook_failed_total", 1.0).await;
+    assert_eq!(server.metric("chatguard_webhook_retried_total").await, 0.0);
     // The next event still goes out.
     sanction(&mut ws, "s-2", "u2").await;
     let body: Value = serde_json::from_str(&hook.next().await.body).expect("JSON");
     assert_eq!(body["user"], "u2");
-    server
-        .wait_metric("chatguard_webhook_delivered_total", 1)
-        .await;
+    wait_metric(&server, "chatguard_webhook_delivered_total", 1.0).await;
     server.stop().await;
 }
 
 #[tokio::test]
 async fn a_full_queue_drops_new_events_and_counts_them() {
     let mut hook = Hook::start(vec![Reply::Hang]).await;
-    let server = Server::start(hook.addr, |raw| {
+    let server = start(hook.addr, |raw| {
         raw.webhook.queue = 1;
         raw.webhook.timeout_ms = 60_000;
         raw.webhook.shutdown_flush_ms = 100;
@@ -342,8 +276,8 @@ async fn a_full_queue_drops_new_events_and_counts_them() {
     for (id, user) in [("s-2", "u2"), ("s-3", "u3"), ("s-4", "u4")] {
         sanction(&mut ws, id, user).await;
     }
-    assert_eq!(server.metric("chatguard_webhook_dropped_total").await, 2);
-    assert_eq!(server.metric("chatguard_webhook_queue_depth").await, 1);
+    assert_eq!(server.metric("chatguard_webhook_dropped_total").await, 2.0);
+    assert_eq!(server.metric("chatguard_webhook_queue_depth").await, 1.0);
     // Moderation went on meanwhile, and shutdown does not wait for the stalled endpoint past
     // webhook.shutdown_flush_ms (stop() allows 10 s; the attempt's timeout is 60 s).
     send(
@@ -364,7 +298,7 @@ async fn a_full_queue_drops_new_events_and_counts_them() {
 #[tokio::test]
 async fn event_types_not_listed_are_not_posted() {
     let mut hook = Hook::start(vec![Reply::Status(200)]).await;
-    let server = Server::start(hook.addr, |raw| {
+    let server = start(hook.addr, |raw| {
         raw.webhook.events = vec!["room_alarm".into()];
     })
     .await;
@@ -377,7 +311,7 @@ async fn event_types_not_listed_are_not_posted() {
 #[tokio::test]
 async fn a_room_alarm_is_posted_with_its_tenant() {
     let mut hook = Hook::start(vec![Reply::Status(204)]).await;
-    let server = Server::start(hook.addr, |raw| {
+    let server = start(hook.addr, |raw| {
         raw.behaviour.room_alarm_flagged = 2;
         raw.webhook.events = vec!["room_alarm".into()];
     })
@@ -402,9 +336,7 @@ async fn a_room_alarm_is_posted_with_its_tenant() {
     let mut expected = alarm;
     expected["tenant"] = json!("acme");
     assert_eq!(body, expected);
-    server
-        .wait_metric("chatguard_webhook_delivered_total", 1)
-        .await;
+    wait_metric(&server, "chatguard_webhook_delivered_total", 1.0).await;
     server.stop().await;
 }
 
