@@ -161,12 +161,11 @@ enum HashlistCommand {
 const DEFAULT_STATE_DIR: &str = "chatguard-state";
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    let mut raw = match path {
-        Some(p) => RawConfig::from_file(p)?,
-        None => RawConfig::default(),
-    };
-    raw.apply_env();
-    Ok(Config::build(raw)?)
+    Ok(
+        chatguard::reload::ConfigSource::optional_file(path.cloned())
+            .with_overrides(RawConfig::apply_env)
+            .load()?,
+    )
 }
 
 fn init_tracing(format: LogFormat) {

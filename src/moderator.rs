@@ -198,7 +198,7 @@ impl Moderator {
     pub fn new(config: &Config, tracker: Option<Tracker>, events: EventHub) -> Moderator {
         Moderator {
             inner: Arc::new(Inner {
-                live: LiveCell::new(Live::from_config(config, 0)),
+                live: LiveCell::new(Live::from_config(config)),
                 tracker,
                 events,
                 max_text_bytes: config.server.max_text_bytes,

@@ -18,7 +18,8 @@
 //!
 //! Watched for changes (modification time and size): the config file, the `lexicon.dir`
 //! directory and its wordlist files, each policy's `wordlists` (files, or directories and
-//! their files), and `image.blocklist_path` / `image.allowlist_path`. Reloads are serialised.
+//! their files). Reloads are serialised. The image hash-list files re-read themselves when
+//! they change (see [`crate::image::hashlist`]); a reload picks up a config naming new ones.
 
 use crate::config::{Config, ConfigError, RawConfig, TenantConfig};
 use crate::image::ImageStage;
@@ -38,25 +39,19 @@ use tokio_util::sync::CancellationToken;
 pub struct Live {
     /// Token → tenant. Empty means open: every connection is tenant `default`.
     pub tokens: Arc<HashMap<String, Arc<str>>>,
-    /// The base lexicon.
-    pub lexicon: Lexicon,
     /// Compiled policies by name; always has `default`.
     pub policies: Arc<HashMap<String, Arc<CompiledPolicy>>>,
     /// Tenant → its policy choice.
     pub tenants: Arc<HashMap<String, TenantConfig>>,
-    /// 0 for the state the server started with, +1 per successful reload.
-    pub generation: u64,
 }
 
 impl Live {
     /// The runtime part of `config`.
-    pub fn from_config(config: &Config, generation: u64) -> Live {
+    pub fn from_config(config: &Config) -> Live {
         Live {
             tokens: config.tokens.clone(),
-            lexicon: config.lexicon.clone(),
             policies: config.policies.clone(),
             tenants: config.tenants.clone(),
-            generation,
         }
     }
 }
@@ -198,8 +193,9 @@ impl ConfigSource {
                 add_tree(&mut paths, p);
             }
         }
-        paths.extend(raw.image.blocklist_path.iter().cloned());
-        paths.extend(raw.image.allowlist_path.iter().cloned());
+        // Not the hash-list files: each list re-reads itself when its file changes
+        // (`hashlist::ListFile`); a full reload for a `chatguard hashlist add` would rebuild
+        // every lexicon for nothing. A config naming other list files does reload them.
         paths
     }
 }
@@ -377,7 +373,7 @@ impl Reloader {
         let Some(target) = &state.target else {
             return Err(ReloadError::NotAttached);
         };
-        let old = target.live.store(Live::from_config(&config, generation));
+        let old = target.live.store(Live::from_config(&config));
         target.images.set_lists(lists);
         // Freeing an automaton of 100k entries takes milliseconds: not on a runtime thread.
         // (A request still holding the old snapshot frees it when it finishes.)
