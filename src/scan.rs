@@ -697,12 +697,7 @@ fn rel_path(root: &Path, path: &Path) -> String {
 
 /// The kind of a file from its first bytes and its extension; `None`: neither image nor text.
 fn detect(path: &Path, head: &[u8]) -> Option<FileKind> {
-    let magic_image = head.starts_with(&[0xFF, 0xD8, 0xFF])
-        || head.starts_with(b"\x89PNG\r\n\x1a\n")
-        || head.starts_with(b"GIF87a")
-        || head.starts_with(b"GIF89a")
-        || (head.len() >= 12 && head.starts_with(b"RIFF") && &head[8..12] == b"WEBP");
-    if magic_image {
+    if crate::image::decode::ImageFormat::sniff(head).is_some() {
         return Some(FileKind::Image);
     }
     let ext = path
@@ -874,18 +869,6 @@ fn tenant() -> Arc<str> {
     Arc::from(crate::config::DEFAULT_TENANT)
 }
 
-/// `s` cut to at most `max` bytes at a char boundary.
-fn cut(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// A text file split into the lines to moderate (done on the blocking pool).
 struct TextLines {
     /// Lines in the file.
@@ -916,8 +899,10 @@ fn split_lines(bytes: &[u8], opts: &ScanOptions) -> TextLines {
         if l.len() > opts.max_line_bytes {
             out.truncated = true;
         }
-        out.todo
-            .push((n + 1, cut(l, opts.max_line_bytes).to_owned()));
+        out.todo.push((
+            n + 1,
+            crate::text::normalize::clip(l, opts.max_line_bytes).to_owned(),
+        ));
     }
     out
 }
@@ -1021,13 +1006,6 @@ mod tests {
         assert_eq!(t("notes.MD", b""), Some(FileKind::Text));
         assert_eq!(t("blob.bin", &[0, 1, 2, 3]), None);
         assert_eq!(t("noext", b"hello"), None);
-    }
-
-    #[test]
-    fn cut_keeps_char_boundaries() {
-        assert_eq!(cut("héllo", 2), "h");
-        assert_eq!(cut("héllo", 3), "hé");
-        assert_eq!(cut("abc", 10), "abc");
     }
 
     #[test]

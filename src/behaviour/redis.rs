@@ -819,9 +819,10 @@ impl Task {
     }
 }
 
-/// The index member (and record key suffix) of a user: `<tenant len>:<tenant>:<user>`.
+/// The index member (and record key suffix) of a user: `<tenant len>:<tenant>:<user>` (the
+/// same scheme as the verdict lookup's keys).
 fn member(tenant: &str, user: &str) -> String {
-    format!("{}:{tenant}:{user}", tenant.len())
+    crate::lookup::entry_key(tenant, user)
 }
 
 /// Inverse of [`member`].

@@ -708,7 +708,7 @@ impl Normalized {
 }
 
 /// `text` cut to at most `max` bytes at a char boundary.
-fn clip(text: &str, max: usize) -> &str {
+pub(crate) fn clip(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
@@ -1207,6 +1207,13 @@ impl Builder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_keeps_char_boundaries() {
+        assert_eq!(clip("héllo", 2), "h");
+        assert_eq!(clip("héllo", 3), "hé");
+        assert_eq!(clip("abc", 10), "abc");
+    }
 
     #[track_caller]
     fn n(s: &str) -> String {
