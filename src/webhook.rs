@@ -249,8 +249,6 @@ struct Inner {
     sanction: bool,
     /// Post `room_alarm` events.
     room_alarm: bool,
-    /// `webhook.queue`.
-    capacity: usize,
     /// Counters, shared with the task.
     stats: Arc<WebhookStats>,
     /// Cancelled at shutdown.
@@ -298,7 +296,6 @@ impl Webhook {
                 jobs_tx,
                 sanction: cfg.events.iter().any(|e| e == "sanction"),
                 room_alarm: cfg.events.iter().any(|e| e == "room_alarm"),
-                capacity: cfg.queue.max(1),
                 stats,
                 stop,
                 deadline,
@@ -341,7 +338,7 @@ impl Webhook {
 
     /// Events waiting for delivery (the one being delivered not included).
     pub fn queue_depth(&self) -> usize {
-        self.inner.capacity - self.inner.jobs_tx.capacity()
+        self.inner.jobs_tx.max_capacity() - self.inner.jobs_tx.capacity()
     }
 
     /// Delivers what is queued for at most `webhook.shutdown_flush_ms`, then stops the task.

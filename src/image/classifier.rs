@@ -122,17 +122,7 @@ impl ImageModel {
             .session
             .run(ort::inputs!["image" => tensor])
             .map_err(|e| InferError::Backend(format!("{WHAT}: {e}")))?;
-        let value = outputs
-            .get("probabilities")
-            .ok_or_else(|| InferError::Backend("model output `probabilities` missing".into()))?;
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| InferError::Backend(format!("{WHAT} output: {e}")))?;
-        if data.len() != n * 3 {
-            return Err(InferError::Backend(format!(
-                "model output `probabilities` has shape {shape:?}, expected [{n}, 3]"
-            )));
-        }
+        let data = crate::infer::runtime::extract_f32(&outputs, "probabilities", n, 3)?;
         Ok(data
             .chunks_exact(3)
             .map(|p| ImageScores {

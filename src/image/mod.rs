@@ -139,9 +139,7 @@ impl ImageConfig {
 
     /// The ONNX Runtime library this config loads.
     pub fn ort_dylib(&self) -> PathBuf {
-        self.ort_dylib_path
-            .clone()
-            .unwrap_or_else(|| self.models_dir.join("onnxruntime/libonnxruntime.so.1.31.1"))
+        crate::infer::runtime::ort_dylib(&self.models_dir, self.ort_dylib_path.as_deref())
     }
 
     /// The decoder limits.

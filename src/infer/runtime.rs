@@ -19,8 +19,17 @@ use ort::session::builder::GraphOptimizationLevel;
 
 use super::InferError;
 
-/// Where `make models` puts the runtime, relative to the working directory.
-pub const DEFAULT_ORT_DYLIB_PATH: &str = "models/onnxruntime/libonnxruntime.so.1.31.1";
+/// Where `make models` puts the runtime, relative to the models directory.
+pub const ORT_DYLIB_IN_MODELS_DIR: &str = "onnxruntime/libonnxruntime.so.1.31.1";
+
+/// The ONNX Runtime library a model config loads: its `ort_dylib_path` if set, else the one
+/// `make models` put under its `models_dir`.
+pub fn ort_dylib(models_dir: &Path, configured: Option<&Path>) -> PathBuf {
+    configured.map_or_else(
+        || models_dir.join(ORT_DYLIB_IN_MODELS_DIR),
+        Path::to_path_buf,
+    )
+}
 
 /// The process-wide environment and the library path it was loaded from.
 static ENVIRONMENT: Mutex<Option<(Environment, PathBuf)>> = Mutex::new(None);
@@ -141,4 +150,31 @@ pub fn check_io(
             reason: format!("model lacks input/output tensors {missing:?}"),
         })
     }
+}
+
+/// Maps an ONNX Runtime error into a backend error prefixed with `what`.
+pub(crate) fn backend_error(what: &str) -> impl Fn(ort::Error) -> InferError + '_ {
+    move |e| InferError::Backend(format!("{what}: {e}"))
+}
+
+/// Output `name` of a run as `rows × width` f32 values (row-major), or a backend error naming
+/// the output and its actual shape.
+pub(crate) fn extract_f32<'a>(
+    outputs: &'a ort::session::SessionOutputs<'_>,
+    name: &str,
+    rows: usize,
+    width: usize,
+) -> Result<&'a [f32], InferError> {
+    let value = outputs
+        .get(name)
+        .ok_or_else(|| InferError::Backend(format!("model output `{name}` missing")))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(backend_error(name))?;
+    if data.len() != rows * width {
+        return Err(InferError::Backend(format!(
+            "model output `{name}` has shape {shape:?}, expected [{rows}, {width}]"
+        )));
+    }
+    Ok(data)
 }

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ort::session::{OutputSelector, RunOptions, Session, SessionOutputs};
+use crate::infer::runtime::{backend_error, extract_f32};
+use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::TensorRef;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -100,9 +101,7 @@ impl Default for TextModelConfig {
 impl TextModelConfig {
     /// The ONNX Runtime library this config loads.
     pub fn ort_dylib(&self) -> PathBuf {
-        self.ort_dylib_path
-            .clone()
-            .unwrap_or_else(|| self.models_dir.join("onnxruntime/libonnxruntime.so.1.31.1"))
+        crate::infer::runtime::ort_dylib(&self.models_dir, self.ort_dylib_path.as_deref())
     }
 
     /// Checks the numeric settings; the error names the setting.
@@ -428,30 +427,6 @@ struct RawOutputs {
     embeddings: Vec<f32>,
     /// `probs`, one row per message.
     toxblock: Vec<[f32; 6]>,
-}
-
-fn backend_error(what: &str) -> impl Fn(ort::Error) -> InferError + '_ {
-    move |e| InferError::Backend(format!("{what}: {e}"))
-}
-
-fn extract_f32<'a>(
-    outputs: &'a SessionOutputs<'_>,
-    name: &str,
-    rows: usize,
-    width: usize,
-) -> Result<&'a [f32], InferError> {
-    let value = outputs
-        .get(name)
-        .ok_or_else(|| InferError::Backend(format!("model output `{name}` missing")))?;
-    let (shape, data) = value
-        .try_extract_tensor::<f32>()
-        .map_err(backend_error(name))?;
-    if data.len() != rows * width {
-        return Err(InferError::Backend(format!(
-            "model output `{name}` has shape {shape:?}, expected [{rows}, {width}]"
-        )));
-    }
-    Ok(data)
 }
 
 /// Fixed cost of one MiniLM run in padded-token units (measured: a 1×8 run costs about as much
