@@ -22,9 +22,9 @@
 //! bounded by `behaviour.redis_timeout_ms`; when Redis is down the answer comes from the local
 //! store alone. `age_ms` of a shared hit is derived from the key's remaining TTL.
 
+use crate::metrics::{write_counter, write_gauge, write_labelled};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -530,32 +530,29 @@ impl VerdictLookup {
             let local = self.local();
             (local.len(), local.bytes())
         };
-        let _ = writeln!(
+        write_labelled(
             out,
-            "# HELP chatguard_lookups_total Lookup requests by result.\n\
-             # TYPE chatguard_lookups_total counter"
+            "chatguard_lookups_total",
+            "Lookup requests by result.",
+            "result",
+            [
+                ("hit_local", s.hit_local.load(Relaxed)),
+                ("hit_shared", s.hit_shared.load(Relaxed)),
+                ("miss", s.miss.load(Relaxed)),
+            ],
         );
-        for (result, v) in [
-            ("hit_local", &s.hit_local),
-            ("hit_shared", &s.hit_shared),
-            ("miss", &s.miss),
-        ] {
-            let _ = writeln!(
-                out,
-                "chatguard_lookups_total{{result=\"{result}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        for (name, help, v) in [
-            ("stored", "Verdicts kept for lookups now.", entries),
-            ("stored_bytes", "Bytes of verdict JSON kept now.", bytes),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP chatguard_lookup_{name} {help}\n# TYPE chatguard_lookup_{name} gauge\n\
-                 chatguard_lookup_{name} {v}"
-            );
-        }
+        write_gauge(
+            out,
+            "chatguard_lookup_stored",
+            "Verdicts kept for lookups now.",
+            entries,
+        );
+        write_gauge(
+            out,
+            "chatguard_lookup_stored_bytes",
+            "Bytes of verdict JSON kept now.",
+            bytes,
+        );
         for (name, help, v) in [
             (
                 "evictions_total",
@@ -588,11 +585,11 @@ impl VerdictLookup {
                 &s.shared_errors,
             ),
         ] {
-            let _ = writeln!(
+            write_counter(
                 out,
-                "# HELP chatguard_lookup_{name} {help}\n# TYPE chatguard_lookup_{name} counter\n\
-                 chatguard_lookup_{name} {}",
-                v.load(Relaxed)
+                &format!("chatguard_lookup_{name}"),
+                help,
+                v.load(Relaxed),
             );
         }
     }

@@ -114,50 +114,31 @@ impl Metrics {
     /// as-is (gauges owned by other components, e.g. the model batcher).
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::with_capacity(4096);
-        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        gauge(
+        write_gauge(
             &mut out,
             "chatguard_connections_open",
             "WebSocket connections open now.",
             self.connections_open.load(Relaxed),
         );
-        counter(
+        write_counter(
             &mut out,
             "chatguard_connections_total",
             "WebSocket connections accepted.",
             self.connections_total.load(Relaxed),
         );
-        counter(
+        write_counter(
             &mut out,
             "chatguard_handshakes_rejected_total",
             "Handshakes refused (auth, path, capacity, timeout).",
             self.handshakes_rejected.load(Relaxed),
         );
-        let labelled = |out: &mut String,
-                        name: &str,
-                        help: &str,
-                        key: &str,
-                        pairs: &mut dyn Iterator<Item = (&str, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (k, v) in pairs {
-                let _ = writeln!(out, "{name}{{{key}=\"{k}\"}} {v}");
-            }
-        };
         let actions = ["allow", "review", "block"];
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_verdicts_total",
             "Verdicts by action.",
             "action",
-            &mut actions
+            actions
                 .iter()
                 .zip(&self.verdicts)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
@@ -169,52 +150,52 @@ impl Metrics {
             "unauthorized",
             "internal",
         ];
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_errors_total",
             "Error replies by code.",
             "code",
-            &mut codes
+            codes
                 .iter()
                 .zip(&self.errors)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
         );
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_labels_total",
             "Labels that fired, by label.",
             "label",
-            &mut LABELS
+            LABELS
                 .iter()
                 .zip(&self.labels)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
         );
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_sanctions_total",
             "Sanctions issued, by action.",
             "action",
-            &mut ["throttle", "mute", "block"]
+            ["throttle", "mute", "block"]
                 .iter()
                 .zip(&self.sanctions)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
         );
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_degraded_total",
             "Verdicts given without a stage, by stage.",
             "stage",
-            &mut STAGES
+            STAGES
                 .iter()
                 .zip(&self.degraded)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
         );
-        labelled(
+        write_labelled(
             &mut out,
             "chatguard_reloads_total",
             "Config reloads (SIGHUP, file change), by result.",
             "result",
-            &mut ["ok", "error"]
+            ["ok", "error"]
                 .iter()
                 .zip(&self.reloads)
                 .map(|(k, v)| (*k, v.load(Relaxed))),
@@ -237,6 +218,33 @@ impl Metrics {
         );
         out.push_str(extra);
         out
+    }
+}
+
+/// Writes one counter (HELP, TYPE and value lines) in the Prometheus text format.
+pub fn write_counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Writes one gauge in the Prometheus text format.
+pub fn write_gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// Writes a counter with one label `key`, a line per (label value, count).
+pub fn write_labelled<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    key: &str,
+    pairs: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (k, v) in pairs {
+        let _ = writeln!(out, "{name}{{{key}=\"{k}\"}} {v}");
     }
 }
 

@@ -271,14 +271,20 @@ impl Moderator {
 
     /// Prometheus lines for the stages' own gauges (model batcher).
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
+        use crate::metrics::{write_counter, write_gauge};
         let mut out = String::new();
         if let Some(t) = &self.inner.tracker {
-            let _ = writeln!(
-                out,
-                "# HELP chatguard_behaviour_persist_errors_total Failed writes, fsyncs and snapshots of the behaviour journal and snapshot (see the error log).\n# TYPE chatguard_behaviour_persist_errors_total counter\nchatguard_behaviour_persist_errors_total {}\n# HELP chatguard_behaviour_tracked_users Senders with a behaviour record in memory.\n# TYPE chatguard_behaviour_tracked_users gauge\nchatguard_behaviour_tracked_users {}",
+            write_counter(
+                &mut out,
+                "chatguard_behaviour_persist_errors_total",
+                "Failed writes, fsyncs and snapshots of the behaviour journal and snapshot (see the error log).",
                 t.persist_errors(),
-                t.tracked_users()
+            );
+            write_gauge(
+                &mut out,
+                "chatguard_behaviour_tracked_users",
+                "Senders with a behaviour record in memory.",
+                t.tracked_users(),
             );
         }
         if let TextModel::Ready(c) = &self.inner.text_model {
@@ -311,15 +317,13 @@ impl Moderator {
                     s.busy_us / 1_000_000,
                 ),
             ] {
-                let _ = writeln!(
-                    out,
-                    "# HELP chatguard_text_model_{name} {help}\n# TYPE chatguard_text_model_{name} counter\nchatguard_text_model_{name} {v}"
-                );
+                write_counter(&mut out, &format!("chatguard_text_model_{name}"), help, v);
             }
-            let _ = writeln!(
-                out,
-                "# HELP chatguard_text_model_queue_depth Messages waiting for the text model.\n# TYPE chatguard_text_model_queue_depth gauge\nchatguard_text_model_queue_depth {}",
-                s.queue_depth
+            write_gauge(
+                &mut out,
+                "chatguard_text_model_queue_depth",
+                "Messages waiting for the text model.",
+                s.queue_depth,
             );
         }
         self.inner.images.render_metrics(&mut out);

@@ -22,9 +22,9 @@
 //! body, only the status line is read): no TLS. `https://` URLs are refused at config
 //! validation; point `webhook.url` at a local TLS-terminating proxy instead.
 
+use crate::metrics::{write_counter, write_gauge};
 use crate::server::protocol::{Event, to_json};
 use serde::Deserialize;
-use std::fmt::Write as _;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -378,19 +378,18 @@ impl Webhook {
                 &s.dropped,
             ),
         ] {
-            let _ = writeln!(
+            write_counter(
                 out,
-                "# HELP chatguard_webhook_{name}_total {help}\n\
-                 # TYPE chatguard_webhook_{name}_total counter\n\
-                 chatguard_webhook_{name}_total {}",
-                v.load(Relaxed)
+                &format!("chatguard_webhook_{name}_total"),
+                help,
+                v.load(Relaxed),
             );
         }
-        let _ = writeln!(
+        write_gauge(
             out,
-            "# HELP chatguard_webhook_queue_depth Events waiting for delivery.\n\
-             # TYPE chatguard_webhook_queue_depth gauge\nchatguard_webhook_queue_depth {}",
-            self.queue_depth()
+            "chatguard_webhook_queue_depth",
+            "Events waiting for delivery.",
+            self.queue_depth(),
         );
     }
 }

@@ -603,7 +603,6 @@ impl ImageStage {
 
     /// Prometheus lines for the stage's counters and the model batcher's.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Relaxed);
         let mut counters = vec![
@@ -661,10 +660,7 @@ impl ImageStage {
             ]);
         }
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP chatguard_image_{name} {help}\n# TYPE chatguard_image_{name} counter\nchatguard_image_{name} {v}"
-            );
+            crate::metrics::write_counter(out, &format!("chatguard_image_{name}"), help, v);
         }
     }
 }
