@@ -374,16 +374,6 @@ impl VerdictLookup {
         &self.inner.stats
     }
 
-    /// Verdicts kept in memory now.
-    pub fn len(&self) -> usize {
-        self.local().len()
-    }
-
-    /// True when no verdict is kept in memory.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn local(&self) -> std::sync::MutexGuard<'_, LocalStore> {
         self.inner
             .local
@@ -445,15 +435,6 @@ impl VerdictLookup {
     /// configured).
     pub fn is_shared(&self) -> bool {
         self.inner.shared.is_some()
-    }
-
-    /// The verdict for message `id` of `tenant`: from memory, else from Redis (bounded by the
-    /// Redis timeout; a Redis failure is a miss). A Redis hit is kept in memory too.
-    pub async fn lookup(&self, tenant: &str, id: &str) -> Option<Found> {
-        match self.lookup_local(tenant, id) {
-            Some(found) => Some(found),
-            None => self.lookup_shared_or_miss(tenant, id).await,
-        }
     }
 
     /// After a local miss: Redis when shared (counting a shared hit or a miss), else a miss.

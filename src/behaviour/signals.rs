@@ -173,6 +173,7 @@ impl<V: Default> WindowMap<V> {
     }
 
     /// How many entries there are.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()

@@ -563,12 +563,6 @@ impl Tracker {
         self.inner.store.len()
     }
 
-    /// How many texts, sender → target pairs and rooms are tracked now.
-    pub fn tracked_windows(&self) -> (usize, usize, usize) {
-        let inner = &*self.inner;
-        (inner.texts.len(), inner.pairs.len(), inner.rooms.len())
-    }
-
     /// Drops idle senders that hold no sanction or cool-down (see the module docs) and windows
     /// that have passed. Takes one shard lock at a time; a few milliseconds per million tracked
     /// users.
