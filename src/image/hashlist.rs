@@ -34,7 +34,6 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::decode::{Crop, DecodeLimits, HASH_INPUT_PX, decode_with_crops};
-use crate::policy::LABELS;
 
 /// How often a list file's modification time is checked.
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -274,13 +273,7 @@ pub fn parse_label(spec: &str) -> Result<(&'static str, Option<String>), String>
         Some((l, _)) => (l, None),
         None => (spec, None),
     };
-    match LABELS.iter().find(|&&l| l == label) {
-        Some(&l) => Ok((l, sub)),
-        None => Err(format!(
-            "unknown label `{label}` (known: {})",
-            LABELS.join(", ")
-        )),
-    }
+    Ok((crate::policy::find_label(label)?, sub))
 }
 
 /// Appends an entry to a list file, creating it (with a header comment) if needed.

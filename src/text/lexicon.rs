@@ -1216,7 +1216,7 @@ fn parse_line(line: &str, allow: bool) -> Result<Option<Spec<'_>>, String> {
     }))
 }
 
-fn is_name(s: &str) -> bool {
+pub(crate) fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')

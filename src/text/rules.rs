@@ -20,7 +20,6 @@
 //! reported per rule and message. Matching is linear in the text for every rule.
 
 use super::{Match, Severity};
-use crate::policy::LABELS;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -58,7 +57,7 @@ pub struct RuleSpec {
     pub pattern: String,
     /// How to read `pattern`.
     pub kind: RuleKind,
-    /// Taxonomy label reported on a match (see [`LABELS`]).
+    /// Taxonomy label reported on a match (see [`crate::policy::LABELS`]).
     pub label: String,
     /// Optional finer label (`[a-z0-9_]+`), e.g. `phishing`.
     #[serde(default)]
@@ -182,10 +181,7 @@ impl RuleSet {
 }
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    s.len() <= 64 && crate::text::lexicon::is_name(s)
 }
 
 fn compile_one(spec: &RuleSpec) -> Result<Rule, String> {
@@ -198,13 +194,7 @@ fn compile_one(spec: &RuleSpec) -> Result<Rule, String> {
             spec.pattern.len()
         ));
     }
-    let Some(label) = LABELS.iter().find(|l| **l == spec.label) else {
-        return Err(format!(
-            "unknown label `{}` (known: {})",
-            spec.label,
-            LABELS.join(", ")
-        ));
-    };
+    let label = crate::policy::find_label(&spec.label)?;
     if let Some(sub) = &spec.sub
         && !is_name(sub)
     {
@@ -235,7 +225,7 @@ fn compile_one(spec: &RuleSpec) -> Result<Rule, String> {
     Ok(Rule {
         regex,
         term: Arc::from(spec.pattern.as_str()),
-        label: Arc::from(*label),
+        label: Arc::from(label),
         sub: spec.sub.as_deref().map(Arc::from),
         severity: spec.severity,
     })
