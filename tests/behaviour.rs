@@ -8,6 +8,7 @@
 //! from `PATH` on a free loopback port and stops it at the end; the outage test always starts
 //! its own. Each test uses its own key prefix, so tests never see each other's keys.
 
+use crate::common::{RedisServer, shared_redis, unique_prefix};
 use chatguard::behaviour::{
     BehaviourConfig, MessageFacts, Outcome, SanctionState, StoreKind, Tracker,
 };
@@ -16,7 +17,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -30,103 +30,6 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const TOKEN: &str = "behaviour-test-token";
 /// A made-up insult of high severity, so these tests do not depend on the shipped wordlists.
 const INSULT: &str = "zorgblat";
-
-/// A `redis-server` child process on a loopback port, killed on drop.
-struct RedisServer {
-    /// The process.
-    child: Option<Child>,
-    /// Its port.
-    port: u16,
-    /// Its working directory (nothing is saved there: `--save ''`).
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// Starts a server on `port` (a free one when `None`) and waits until it accepts
-    /// connections.
-    fn start(port: Option<u16>) -> RedisServer {
-        let port = port.unwrap_or_else(free_port);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}): install it (`apt-get install redis-server`, \
-                     or run `make test`, which does) or set CHATGUARD_TEST_REDIS_URL"
-                )
-            });
-        let server = RedisServer {
-            child: Some(child),
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port} in 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Kills the server (SIGKILL: no goodbye to the clients).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// The Redis to share: `CHATGUARD_TEST_REDIS_URL`, or a server of our own (kept alive by the
-/// returned guard).
-fn shared_redis() -> (String, Option<RedisServer>) {
-    match std::env::var("CHATGUARD_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let server = RedisServer::start(None);
-            (server.url(), Some(server))
-        }
-    }
-}
-
-/// A key prefix no other test (or earlier run) uses.
-fn unique_prefix(test: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "cgtest-{test}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Small thresholds: one `block` of severity 1.0 (2.0) throttles, two mute, four block.
 fn rules() -> BehaviourConfig {

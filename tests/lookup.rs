@@ -8,10 +8,9 @@
 //! shared test FAILS if it cannot be reached. Without the variable it starts its own
 //! `redis-server` from `PATH` on a free port. Each test uses its own key prefix.
 
-use crate::common::{self, Server, Ws, send};
+use crate::common::{self, Server, Ws, send, shared_redis, unique_prefix};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -239,81 +238,10 @@ async fn lookups_evictions_and_skips_are_counted_in_metrics() {
     server.stop().await;
 }
 
-/// A `redis-server` child on a free loopback port, killed on drop.
-struct OwnRedis {
-    /// The process.
-    child: Child,
-    /// Its URL.
-    url: String,
-    /// Its working directory.
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `CHATGUARD_TEST_REDIS_URL`, or a `redis-server` of our own (kept alive by the guard).
-fn test_redis() -> (String, Option<OwnRedis>) {
-    if let Ok(url) = std::env::var("CHATGUARD_TEST_REDIS_URL")
-        && !url.is_empty()
-    {
-        return (url, None);
-    }
-    let port = free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start redis-server ({e}): install it, or run the tests under \
-                 `bash scripts/with-test-redis.sh`, which sets CHATGUARD_TEST_REDIS_URL"
-            )
-        });
-    let own = OwnRedis {
-        child,
-        url: format!("redis://127.0.0.1:{port}/"),
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (own.url.clone(), Some(own))
-}
-
-/// A key prefix no other test (or earlier run) uses.
-fn unique_prefix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("cgtest-lookup-{}-{nanos}", std::process::id())
-}
-
 #[tokio::test]
 async fn a_verdict_given_by_one_sidecar_is_found_by_another_through_redis() {
-    let (url, _guard) = test_redis();
-    let prefix = unique_prefix();
+    let (url, _guard) = shared_redis();
+    let prefix = unique_prefix("lookup");
     let shared = |raw: &mut chatguard::config::RawConfig| {
         raw.behaviour.store = chatguard::behaviour::StoreKind::Redis;
         raw.behaviour.redis_url = url.clone();
@@ -366,11 +294,11 @@ async fn a_verdict_given_by_one_sidecar_is_found_by_another_through_redis() {
 #[tokio::test]
 async fn with_redis_down_lookups_answer_from_memory() {
     // Nothing listens on this port.
-    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let url = format!("redis://127.0.0.1:{}/", common::free_port());
     let server = Server::start(|raw| {
         raw.behaviour.store = chatguard::behaviour::StoreKind::Redis;
         raw.behaviour.redis_url = url.clone();
-        raw.behaviour.redis_key_prefix = unique_prefix();
+        raw.behaviour.redis_key_prefix = unique_prefix("lookup");
         raw.behaviour.redis_timeout_ms = 200;
     })
     .await;
