@@ -627,11 +627,11 @@ impl Lexicon {
                 latin.push(i);
             }
         }
-        let latin = Searcher::build_some(&b.patterns, latin)?;
-        let words = Searcher::build_anchored(&b.patterns, words)?;
-        let censored = Searcher::build_some(&b.patterns, censored)?;
-        let digits = Searcher::build_some(&b.patterns, digits)?;
-        let other = Searcher::build_some(&b.patterns, other)?;
+        let latin = Searcher::build(&b.patterns, latin, StartKind::Unanchored)?;
+        let words = Searcher::build(&b.patterns, words, StartKind::Anchored)?;
+        let censored = Searcher::build(&b.patterns, censored, StartKind::Unanchored)?;
+        let digits = Searcher::build(&b.patterns, digits, StartKind::Unanchored)?;
+        let other = Searcher::build(&b.patterns, other, StartKind::Unanchored)?;
         let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
         let mut cands = Vec::new();
         for list in b.pattern_cands {
@@ -782,34 +782,16 @@ fn prefix_table<'a>(dfa: &DFA, mut patterns: impl Iterator<Item = &'a String>) -
 }
 
 impl Searcher {
-    fn build_some(patterns: &[String], ids: Vec<usize>) -> Result<Option<Searcher>, LexiconError> {
-        if ids.is_empty() {
-            Ok(None)
-        } else {
-            Searcher::build(patterns, ids).map(Some)
-        }
-    }
-
-    fn build_anchored(
-        patterns: &[String],
-        ids: Vec<usize>,
-    ) -> Result<Option<Searcher>, LexiconError> {
-        if ids.is_empty() {
-            Ok(None)
-        } else {
-            Searcher::build_kind(patterns, ids, StartKind::Anchored).map(Some)
-        }
-    }
-
-    fn build(patterns: &[String], ids: Vec<usize>) -> Result<Searcher, LexiconError> {
-        Searcher::build_kind(patterns, ids, StartKind::Unanchored)
-    }
-
-    fn build_kind(
+    /// The searcher over `patterns[ids]` with the given start kind (anchored ones also get the
+    /// word-start prefix table); `None` when `ids` is empty.
+    fn build(
         patterns: &[String],
         ids: Vec<usize>,
         kind: StartKind,
-    ) -> Result<Searcher, LexiconError> {
+    ) -> Result<Option<Searcher>, LexiconError> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
         let dfa = DFA::builder()
             .match_kind(MatchKind::Standard)
             .start_kind(kind)
@@ -819,11 +801,11 @@ impl Searcher {
             StartKind::Anchored => prefix_table(&dfa, ids.iter().map(|&i| &patterns[i])),
             _ => None,
         };
-        Ok(Searcher {
+        Ok(Some(Searcher {
             dfa,
             ids: ids.into_iter().map(|i| i as u32).collect(),
             prefix,
-        })
+        }))
     }
 }
 
