@@ -279,6 +279,54 @@ fn normalize_and_scan_keep_offsets_in_the_original_text() {
     assert!(hits.get() > 0, "no generated text matched the lexicon");
 }
 
+/// Chat-like text of the kind the normalizer's fast path takes (ASCII words, numbers, words
+/// mixing both, apostrophes, marks, punctuation, emoji), with the odd char that sends it to
+/// the general path.
+fn chat_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        4 => "[a-zA-Z]{1,7}",
+        2 => "[a-z0-9]{1,6}",
+        2 => "[0-9]{1,4}",
+        1 => "[a-z]{1,3}['][a-z0-9]{0,3}",
+        1 => "[a-z]{1,3}[!|+*#%?^@$][a-z0-9]{0,3}",
+        1 => prop::sample::select(&[
+            "aa", "oo", "ll", "00", "11", "22", "66", "0o", "1i", "3e", "5s", "zz",
+        ][..])
+        .prop_map(str::to_string),
+        4 => prop::sample::select(&[
+            " ", " ", " ", "  ", ", ", ". ", "!", "?", "...", "-", "_", "'", "\n", "\t",
+            "😀", "❤\u{fe0f}", "\u{200d}", "🔥", "é", "ｆ",
+        ][..])
+        .prop_map(str::to_string),
+    ];
+    prop::collection::vec(piece, 0..16).prop_map(|p| p.concat())
+}
+
+#[test]
+fn the_fast_path_folds_like_the_general_path() {
+    runner(3000)
+        .run(&chat_text(), |text| {
+            let mut general = Normalized::new();
+            general.set_general(&text);
+            let fast = Normalized::of(&text);
+            prop_assert_eq!(fast.as_str(), general.as_str(), "{:?}", text);
+            prop_assert_eq!(fast.runs(), general.runs(), "{:?}", text);
+            prop_assert_eq!(fast.chains(), general.chains(), "{:?}", text);
+            prop_assert_eq!(fast.has(), general.has(), "{:?}", text);
+            for i in 0..general.len() {
+                prop_assert_eq!(
+                    fast.original_range(i..i + 1),
+                    general.original_range(i..i + 1),
+                    "{:?} @{}",
+                    text,
+                    i
+                );
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // (b) wire parsers.
 

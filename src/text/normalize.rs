@@ -205,6 +205,26 @@ static SIMPLE: [Simple; 256] = {
     t
 };
 
+/// For the fast path, after a mark or apostrophe: whether the marks go on (up to whitespace)
+/// into more text or into a non-ASCII char, a case the fast path leaves to the general one.
+/// A plain `!!!` or `...` before a space or the end is not.
+#[inline]
+fn mark_cluster(bytes: &[u8], from: usize) -> bool {
+    let Some(&b) = bytes.get(from) else {
+        return false;
+    };
+    if b >= 0x80 {
+        return true;
+    }
+    if b.is_ascii_alphanumeric() || b.is_ascii_whitespace() {
+        return false;
+    }
+    bytes[from..]
+        .iter()
+        .find(|b| !b.is_ascii_punctuation())
+        .is_some_and(|&b| !b.is_ascii_whitespace())
+}
+
 static ASCII: [AsciiClass; 128] = {
     let mut t = [AsciiClass {
         kind: Kind::Punct,
@@ -586,6 +606,11 @@ impl Normalized {
                     in_number = true;
                     i += 1;
                     continue;
+                }
+                Simple::Apostrophe | Simple::Mark if mark_cluster(bytes, i + 1) => {
+                    // Marks in a cluster before more text (`a|'aa`, `a''b`) or before an
+                    // invisible char (`a'\u{200D}b`): the general path knows.
+                    return false;
                 }
                 Simple::Apostrophe if in_word || in_number => {
                     // Between letters it vanishes (`don't`); next to digits it needs leetspeak.
