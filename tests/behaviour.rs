@@ -8,26 +8,18 @@
 //! from `PATH` on a free loopback port and stops it at the end; the outage test always starts
 //! its own. Each test uses its own key prefix, so tests never see each other's keys.
 
-use crate::common::{RedisServer, shared_redis, unique_prefix};
+use crate::common::{
+    RedisServer, Server, TOKEN, Ws, next_event, recv_id, send, shared_redis, unique_prefix,
+};
 use chatguard::behaviour::{
     BehaviourConfig, MessageFacts, Outcome, SanctionState, StoreKind, Tracker,
 };
-use chatguard::config::{Config, RawConfig};
-use futures_util::{SinkExt, StreamExt};
+use chatguard::config::RawConfig;
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
-use tokio_util::sync::CancellationToken;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const TOKEN: &str = "behaviour-test-token";
 /// A made-up insult of high severity, so these tests do not depend on the shipped wordlists.
 const INSULT: &str = "zorgblat";
 
@@ -151,8 +143,8 @@ async fn abuse_on_server_a_sanctions_the_user_on_server_b() {
         tempfile::tempdir().expect("b"),
     );
     let cfg = redis_rules(&url, &prefix);
-    let a = Server::start(dir_a.path(), |raw| raw.behaviour = cfg.clone()).await;
-    let b = Server::start(dir_b.path(), |raw| raw.behaviour = cfg.clone()).await;
+    let a = start_server(dir_a.path(), |raw| raw.behaviour = cfg.clone()).await;
+    let b = start_server(dir_b.path(), |raw| raw.behaviour = cfg.clone()).await;
     let (mut ws_a, mut ws_b) = (a.connect().await, b.connect().await);
     // Both connected to Redis (the first verdicts may still say degraded).
     for ws in [&mut ws_a, &mut ws_b] {
@@ -264,7 +256,7 @@ async fn a_redis_outage_degrades_verdicts_and_reconciles_after() {
     let url = redis.url();
     let prefix = unique_prefix("outage");
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), |raw| {
+    let server = start_server(dir.path(), |raw| {
         raw.behaviour = redis_rules(&url, &prefix);
     })
     .await;
@@ -339,7 +331,7 @@ async fn signals_and_the_sanction_request_over_the_websocket() {
             ..rules()
         };
     };
-    let server = Server::start(dir.path(), edit.clone()).await;
+    let server = start_server(dir.path(), edit.clone()).await;
     let mut ws = server.connect().await;
     let mut watcher = server.connect().await;
 
@@ -440,7 +432,7 @@ async fn signals_and_the_sanction_request_over_the_websocket() {
     drop((ws, watcher));
     server.stop().await;
     assert!(snapshot.exists());
-    let server = Server::start(dir.path(), edit).await;
+    let server = start_server(dir.path(), edit).await;
     let mut ws = server.connect().await;
     let v = moderate(&mut ws, json!({"user":"u42","text":"hi again"})).await;
     assert_eq!(v["sender"]["state"], "mute", "{v}");
@@ -490,96 +482,22 @@ async fn signals_follow_the_clock() {
 
 // --- a server for the WebSocket tests ---
 
-struct Server {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Server {
-    /// Starts the real server on port 0 with a made-up wordlist (`zorgblat`, high) in `dir`.
-    async fn start(dir: &Path, edit: impl FnOnce(&mut RawConfig)) -> Server {
-        let words = dir.join("wordlists");
-        std::fs::create_dir_all(words.join("en")).expect("mkdir");
-        std::fs::write(
-            words.join("en").join("insult.txt"),
-            format!("{INSULT} | high\n"),
-        )
-        .expect("wordlist");
-        let mut raw = RawConfig::default();
-        raw.text_model.enabled = false;
+/// Starts the real server on port 0 ([`TOKEN`] is tenant `default`) with a made-up wordlist
+/// (`zorgblat`, high) in `dir`.
+async fn start_server(dir: &Path, edit: impl FnOnce(&mut RawConfig)) -> Server {
+    let words = dir.join("wordlists");
+    std::fs::create_dir_all(words.join("en")).expect("mkdir");
+    std::fs::write(
+        words.join("en").join("insult.txt"),
+        format!("{INSULT} | high\n"),
+    )
+    .expect("wordlist");
+    Server::start(|raw| {
         raw.lexicon.dir = Some(PathBuf::from(&words));
         raw.auth.tokens.insert(TOKEN.into(), "default".into());
-        edit(&mut raw);
-        let config = Config::build(raw).expect("valid config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chatguard::server::run(listener, config, shutdown.clone()));
-        Server {
-            addr,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn connect(&self) -> Ws {
-        let mut req = format!("ws://{}/v1/ws", self.addr)
-            .into_client_request()
-            .expect("url");
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN}").parse().expect("header"),
-        );
-        connect_async(req).await.expect("connect").0
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("server stops")
-            .expect("no panic")
-            .expect("server returned Ok");
-    }
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("a frame within 10 s")
-        .expect("open")
-        .expect("frame");
-    match msg {
-        Message::Text(t) => serde_json::from_str(t.as_str()).expect("JSON"),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
-
-/// The reply with `id`, skipping pushed events.
-async fn recv_id(ws: &mut Ws, id: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["id"] == id {
-            return v;
-        }
-    }
-}
-
-/// The next pushed event of `kind`, skipping other frames.
-async fn next_event(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == kind && v.get("id").is_none() {
-            return v;
-        }
-    }
+        edit(raw);
+    })
+    .await
 }
 
 /// Sends a `moderate` request (fields from `fields`, a fresh id) and returns its verdict.

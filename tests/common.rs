@@ -1,5 +1,5 @@
 //! Helpers shared by the end-to-end test modules: the real server on port 0 and a WebSocket
-//! client. (tests/e2e.rs predates this module and keeps its own copies.)
+//! client.
 
 use chatguard::config::{Config, RawConfig};
 use futures_util::{SinkExt, StreamExt};
@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,9 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The token every test server accepts (tenant `acme`).
 pub const TOKEN: &str = "test-token-acme";
+
+/// A second token every test server accepts (tenant `other`).
+pub const OTHER_TOKEN: &str = "test-token-other";
 
 /// A running server; stop it with [`Server::stop`].
 pub struct Server {
@@ -33,13 +36,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server with the text model off (unless `edit` turns it on) and one token.
+    /// Starts a server with the text model off (unless `edit` turns it on) and two tokens,
+    /// [`TOKEN`] (tenant `acme`) and [`OTHER_TOKEN`] (tenant `other`).
     pub async fn start(edit: impl FnOnce(&mut RawConfig)) -> Server {
         let mut raw = RawConfig::default();
         raw.text_model.enabled = false;
         // Decode deadlines are for release builds; a debug build on a busy machine is slower.
         raw.image.decode_timeout_ms = 60_000;
         raw.auth.tokens.insert(TOKEN.into(), "acme".into());
+        raw.auth.tokens.insert(OTHER_TOKEN.into(), "other".into());
         edit(&mut raw);
         let config = Config::build(raw).expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -75,12 +80,32 @@ impl Server {
         connect_as(self.addr, TOKEN).await
     }
 
+    /// Tries to open `ws://addr{path}`, with `Authorization: Bearer token` when given.
+    pub async fn connect_with(&self, token: Option<&str>, path: &str) -> Result<Ws, WsError> {
+        let mut req = format!("ws://{}{}", self.addr, path)
+            .into_client_request()
+            .expect("valid url");
+        if let Some(t) = token {
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("header"),
+            );
+        }
+        connect_async(req).await.map(|(ws, _)| ws)
+    }
+
+    /// Starts a graceful shutdown (stop accepting, finish in-flight requests, close with 1001);
+    /// [`stop`](Self::stop) waits for it.
+    pub fn cancel(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Shuts the server down and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+        tokio::time::timeout(Duration::from_secs(15), self.task)
             .await
-            .expect("server stops within 10s")
+            .expect("server stops within 15s")
             .expect("server task did not panic")
             .expect("server returned Ok");
     }
@@ -106,6 +131,36 @@ pub async fn recv(ws: &mut Ws) -> Value {
     match msg {
         Message::Text(t) => serde_json::from_str(t.as_str()).expect("reply is JSON"),
         other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Next reply to a request: pushed events (`sanction`, `room_alarm`) are skipped.
+pub async fn recv_reply(ws: &mut Ws) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if !matches!(v["type"].as_str(), Some("sanction" | "room_alarm")) {
+            return v;
+        }
+    }
+}
+
+/// The reply with `id`, skipping pushed events and other replies.
+pub async fn recv_id(ws: &mut Ws, id: &str) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
+/// The next pushed event of `kind`, skipping other frames.
+pub async fn next_event(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == kind && v.get("id").is_none() {
+            return v;
+        }
     }
 }
 

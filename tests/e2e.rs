@@ -1,108 +1,14 @@
 //! End-to-end tests: the real server on port 0, spoken to over a real WebSocket.
 
-use chatguard::config::{Config, RawConfig};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
-use tokio_util::sync::CancellationToken;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const TOKEN: &str = "test-token-acme";
-
-/// A running server; cancelled (and awaited) on drop of the test via `stop`.
-struct Server {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Server {
-    async fn start(edit: impl FnOnce(&mut RawConfig)) -> Server {
-        let mut raw = RawConfig::default();
-        // Lexicon-only unless a test turns the model on (tests/model.rs covers the model).
-        raw.text_model.enabled = false;
-        raw.auth.tokens.insert(TOKEN.into(), "acme".into());
-        raw.auth
-            .tokens
-            .insert("test-token-other".into(), "other".into());
-        edit(&mut raw);
-        let config = Config::build(raw).expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chatguard::server::run(listener, config, shutdown.clone()));
-        Server {
-            addr,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn connect_with(&self, token: Option<&str>, path: &str) -> Result<Ws, WsError> {
-        let mut req = format!("ws://{}{}", self.addr, path)
-            .into_client_request()
-            .expect("valid url");
-        if let Some(t) = token {
-            req.headers_mut().insert(
-                "authorization",
-                format!("Bearer {t}").parse().expect("header"),
-            );
-        }
-        connect_async(req).await.map(|(ws, _)| ws)
-    }
-
-    async fn connect(&self) -> Ws {
-        self.connect_with(Some(TOKEN), "/v1/ws")
-            .await
-            .expect("connect")
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server stops within 10s")
-            .expect("server task did not panic")
-            .expect("server returned Ok");
-    }
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-/// Next reply to a request: pushed events (`sanction`, `room_alarm`) are skipped.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let v = recv_any(ws).await;
-        if !matches!(v["type"].as_str(), Some("sanction" | "room_alarm")) {
-            return v;
-        }
-    }
-}
-
-/// Next JSON text frame, pushed events included (any other frame fails the test).
-async fn recv_any(ws: &mut Ws) -> Value {
-    let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("reply within 10s")
-        .expect("stream open")
-        .expect("frame ok");
-    match msg {
-        Message::Text(t) => serde_json::from_str(t.as_str()).expect("reply is JSON"),
-        other => panic!("expected a text frame, got {other:?}"),
-    }
-}
+use crate::common::{OTHER_TOKEN, Server, TOKEN, Ws, http_get, recv, recv_reply, send};
 
 /// Reads until a close frame arrives; returns its code.
 async fn recv_close(ws: &mut Ws) -> CloseCode {
@@ -129,7 +35,7 @@ fn moderate(id: &str, text: &str) -> Value {
 async fn assert_still_serving(server: &Server) {
     let mut ws = server.connect().await;
     send(&mut ws, moderate("alive", "hello there")).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["type"], "verdict");
     assert_eq!(v["id"], "alive");
 }
@@ -139,7 +45,7 @@ async fn verdicts_for_clean_and_abusive_text_with_offsets() {
     let server = Server::start(|_| {}).await;
     let mut ws = server.connect().await;
     send(&mut ws, moderate("m-1", "hello, see you tomorrow")).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["type"], "verdict");
     assert_eq!(v["id"], "m-1");
     assert_eq!(v["action"], "allow");
@@ -149,7 +55,7 @@ async fn verdicts_for_clean_and_abusive_text_with_offsets() {
 
     let text = "héllo, you f.u.c.k.i.n.g idiot";
     send(&mut ws, moderate("m-2", text)).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["id"], "m-2");
     assert_ne!(v["action"], "allow", "{v}");
     let matches = v["matches"].as_array().expect("matches array");
@@ -200,7 +106,7 @@ async fn pipelined_requests_get_one_reply_each_by_id() {
     let mut seen = HashSet::new();
     let mut got_pong = false;
     while seen.len() < want.len() || !got_pong {
-        let v = recv(&mut ws).await;
+        let v = recv_reply(&mut ws).await;
         if v["type"] == "pong" {
             assert_eq!(v["id"], "p-1");
             got_pong = true;
@@ -305,7 +211,7 @@ async fn bad_requests_get_clear_errors_and_the_connection_survives() {
     let mut failures = Vec::new();
     for (frame, id, code, needle) in &cases {
         ws.send(Message::text(frame.clone())).await.expect("send");
-        let v = recv(&mut ws).await;
+        let v = recv_reply(&mut ws).await;
         let ok = v["type"] == "error"
             && v["id"] == *id
             && v["code"] == *code
@@ -321,7 +227,7 @@ async fn bad_requests_get_clear_errors_and_the_connection_survives() {
     ws.send(Message::binary(vec![0u8, 1, 2, 3]))
         .await
         .expect("send");
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     if !(v["type"] == "error" && v["code"] == "bad_request") {
         failures.push(format!("binary frame: got {v}"));
     }
@@ -333,7 +239,7 @@ async fn bad_requests_get_clear_errors_and_the_connection_survives() {
     );
     // Same connection still works.
     send(&mut ws, moderate("after", "hi")).await;
-    assert_eq!(recv(&mut ws).await["id"], "after");
+    assert_eq!(recv_reply(&mut ws).await["id"], "after");
     server.stop().await;
 }
 
@@ -392,7 +298,7 @@ async fn too_many_in_flight_requests_get_overloaded() {
     let mut ids = HashSet::new();
     let (mut verdicts, mut overloaded) = (0, 0);
     for _ in 0..n {
-        let v = recv(&mut ws).await;
+        let v = recv_reply(&mut ws).await;
         match (v["type"].as_str(), v["code"].as_str()) {
             (Some("verdict"), _) => verdicts += 1,
             (Some("error"), Some("overloaded")) => overloaded += 1,
@@ -418,7 +324,7 @@ async fn repeated_abuse_pushes_a_sanction_to_every_connection_of_the_tenant() {
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     let mut other = server
-        .connect_with(Some("test-token-other"), "/v1/ws")
+        .connect_with(Some(OTHER_TOKEN), "/v1/ws")
         .await
         .expect("other tenant connects");
     let mut sanction = None;
@@ -431,7 +337,7 @@ async fn repeated_abuse_pushes_a_sanction_to_every_connection_of_the_tenant() {
         .await;
         // Read until this request's verdict; collect any sanction on the way.
         loop {
-            let v = recv_any(&mut a).await;
+            let v = recv(&mut a).await;
             if v["type"] == "sanction" {
                 sanction.get_or_insert(v);
                 continue;
@@ -454,19 +360,19 @@ async fn repeated_abuse_pushes_a_sanction_to_every_connection_of_the_tenant() {
         "the verdict's sender field reflects the sanction"
     );
     // The second connection of the same tenant gets the same event.
-    let on_b = recv_any(&mut b).await;
+    let on_b = recv(&mut b).await;
     assert_eq!(on_b["type"], "sanction");
     assert_eq!(on_b["user"], "troll");
     // Another tenant does not.
     send(&mut other, json!({"type":"ping","id":"x"})).await;
-    assert_eq!(recv_any(&mut other).await["type"], "pong");
+    assert_eq!(recv(&mut other).await["type"], "pong");
     // The same user id in another tenant is unaffected.
     send(
         &mut other,
         json!({"type":"moderate","id":"o1","user":"troll","text":"good morning"}),
     )
     .await;
-    let v = recv_any(&mut other).await;
+    let v = recv(&mut other).await;
     assert_eq!(v["sender"]["state"], "ok", "{v}");
     server.stop().await;
 }
@@ -485,10 +391,10 @@ async fn graceful_shutdown_answers_in_flight_then_closes_with_1001() {
     }
     ws.flush().await.expect("flush");
     // Wait for the first reply so the server has started reading the burst.
-    let first = recv(&mut ws).await;
+    let first = recv_reply(&mut ws).await;
     assert_eq!(first["type"], "verdict", "{first}");
     let addr = server.addr;
-    server.shutdown.cancel();
+    server.cancel();
     let mut replies = 1;
     let code = loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -502,11 +408,7 @@ async fn graceful_shutdown_answers_in_flight_then_closes_with_1001() {
     };
     assert_eq!(code, CloseCode::Away);
     assert!(replies >= 1, "got {replies} replies");
-    tokio::time::timeout(Duration::from_secs(10), server.task)
-        .await
-        .expect("server exits")
-        .expect("no panic")
-        .expect("ok");
+    server.stop().await;
     assert!(
         TcpStream::connect(addr).await.is_err(),
         "listener closed after shutdown"
@@ -521,7 +423,7 @@ async fn model_flags_an_insult_no_wordlist_contains() {
     let mut ws = server.connect().await;
     let text = "nobody would miss you if you disappeared";
     send(&mut ws, moderate("m-model", text)).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["id"], "m-model");
     assert_eq!(
         v["degraded"],
@@ -546,7 +448,7 @@ async fn model_flags_an_insult_no_wordlist_contains() {
         moderate("m-clean", "have a great day, see you at lunch"),
     )
     .await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["action"], "allow", "{v}");
     server.stop().await;
 }
@@ -561,48 +463,27 @@ async fn missing_model_files_degrade_instead_of_failing() {
     .await;
     let mut ws = server.connect().await;
     send(&mut ws, moderate("d1", "go fuck yourself")).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["degraded"], json!(["text_model"]), "{v}");
     assert_ne!(v["action"], "allow", "lexicon still works: {v}");
     server.stop().await;
 }
 
-use crate::common::http_get;
-
 #[tokio::test]
 async fn admin_endpoints_report_health_readiness_and_metrics() {
-    let mut raw = RawConfig::default();
-    raw.text_model.enabled = true;
-    raw.text_model.models_dir = "/nonexistent/chatguard-models".into();
-    let config = Config::build(raw).expect("config");
-    let ws_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let (addr, admin_addr) = (
-        ws_listener.local_addr().unwrap(),
-        admin.local_addr().unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(chatguard::server::run_with_admin(
-        ws_listener,
-        Some(admin),
-        config,
-        shutdown.clone(),
-    ));
-    let server = Server {
-        addr,
-        shutdown,
-        task,
-    };
+    let server = Server::start(|raw| {
+        raw.auth.tokens.clear();
+        raw.text_model.enabled = true;
+        raw.text_model.models_dir = "/nonexistent/chatguard-models".into();
+    })
+    .await;
+    let admin_addr = server.admin;
     // Open server (no tokens): connect without auth.
     let mut ws = server.connect_with(None, "/v1/ws").await.expect("connect");
     send(&mut ws, moderate("x1", "you stupid idiot")).await;
-    assert_eq!(recv(&mut ws).await["type"], "verdict");
+    assert_eq!(recv_reply(&mut ws).await["type"], "verdict");
     send(&mut ws, json!({"type":"nope"})).await;
-    assert_eq!(recv(&mut ws).await["type"], "error");
+    assert_eq!(recv_reply(&mut ws).await["type"], "error");
 
     assert_eq!(http_get(admin_addr, "/healthz").await, (200, "ok\n".into()));
     let (status, body) = http_get(admin_addr, "/readyz").await;
@@ -682,7 +563,7 @@ async fn readyz_reports_an_unreachable_redis_store() {
     assert_eq!(body["ready"], true, "{body}");
     let mut ws = server.connect().await;
     send(&mut ws, moderate("r1", "hello")).await;
-    let v = recv(&mut ws).await;
+    let v = recv_reply(&mut ws).await;
     assert_eq!(v["degraded"], json!(["shared_state"]), "{v}");
     server.stop().await;
 }

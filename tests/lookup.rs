@@ -8,14 +8,11 @@
 //! shared test FAILS if it cannot be reached. Without the variable it starts its own
 //! `redis-server` from `PATH` on a free port. Each test uses its own key prefix.
 
-use crate::common::{self, Server, Ws, send, shared_redis, unique_prefix};
+use crate::common::{self, OTHER_TOKEN, Server, Ws, send, shared_redis, unique_prefix};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A second tenant's token.
-const OTHER_TOKEN: &str = "test-token-other";
 
 use crate::common::connect_as;
 
@@ -137,10 +134,7 @@ async fn the_oldest_verdict_is_evicted_at_max_entries() {
 
 #[tokio::test]
 async fn a_tenant_never_sees_another_tenants_verdicts() {
-    let server = Server::start(|raw| {
-        raw.auth.tokens.insert(OTHER_TOKEN.into(), "other".into());
-    })
-    .await;
+    let server = Server::start(|_| {}).await;
     let mut acme = server.connect().await;
     let mut other = connect_as(server.addr, OTHER_TOKEN).await;
     let acme_verdict = moderate_raw(&mut acme, "m-1", "you stupid fuck").await;
@@ -279,11 +273,7 @@ async fn a_verdict_given_by_one_sidecar_is_found_by_another_through_redis() {
     drop(ws_b);
     let b = {
         b.stop().await;
-        Server::start(|raw| {
-            shared(raw);
-            raw.auth.tokens.insert(OTHER_TOKEN.into(), "other".into());
-        })
-        .await
+        Server::start(shared).await
     };
     let mut other = connect_as(b.addr, OTHER_TOKEN).await;
     assert_miss(&lookup(&mut other, "m-1").await, "m-1");
