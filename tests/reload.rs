@@ -220,13 +220,35 @@ async fn load(
     sent
 }
 
-/// Waits until the load client has received `n` verdicts.
-async fn wait_for_progress(progress: &AtomicUsize, n: usize) {
-    let mut waited = 0;
-    while progress.load(Ordering::Acquire) < n {
-        waited += 1;
-        assert!(waited < 6000, "the load client made no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A [`load`] client running in the background.
+struct Load {
+    /// Tells it to stop once it has sent its minimum.
+    stop: Arc<AtomicBool>,
+    /// Its task; gives the number sent.
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Load {
+    /// Starts [`load`] on `ws` (at least 500 requests) and waits until it has received 100
+    /// verdicts, so that what the test does next happens under load.
+    async fn start(ws: Ws, new_term: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(load(ws, 500, stop.clone(), progress.clone(), new_term));
+        let mut waited = 0;
+        while progress.load(Ordering::Acquire) < 100 {
+            waited += 1;
+            assert!(waited < 6000, "the load client made no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Load { stop, task }
+    }
+
+    /// Stops the client and checks it sent at least its minimum, each with one verdict.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Release);
+        let sent = self.task.await.expect("load client did not panic");
+        assert!(sent >= 500, "{sent}");
     }
 }
 
@@ -239,26 +261,15 @@ async fn reload_handle_under_load_adds_a_term_without_dropping_anything() {
     let v = verdict(&mut probe, "before", "you frobnicator", None).await;
     assert_eq!(v["action"], "allow", "not a term yet: {v}");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicUsize::new(0));
-    let client = tokio::spawn(load(
-        server.connect().await,
-        500,
-        stop.clone(),
-        progress.clone(),
-        "you frobnicator",
-    ));
-    // Once the load is going (it keeps going until `stop`), change the wordlist and reload
+    // Once the load is going (it keeps going until `finish`), change the wordlist and reload
     // (what SIGHUP does).
-    wait_for_progress(&progress, 100).await;
+    let load = Load::start(server.connect().await, "you frobnicator").await;
     setup.write("words/en/insult.txt", "idiot | high\nfrobnicator | high\n");
     let summary = server.reloader.reload_now().await.expect("reload succeeds");
     assert_eq!(summary.generation, 1);
     assert_eq!(summary.lexicon_entries, 2);
     assert!(summary.ignored.is_empty(), "{summary:?}");
-    stop.store(true, Ordering::Release);
-    let sent = client.await.expect("load client did not panic");
-    assert!(sent >= 500, "{sent}");
+    load.finish().await;
 
     // The probe connection opened before the reload sees the new term now.
     let v = verdict(&mut probe, "after", "you frobnicator", None).await;
@@ -278,16 +289,7 @@ async fn file_poller_reloads_a_changed_config_under_load() {
     let setup = Setup::new();
     setup.write_config(20, "");
     let server = Server::start(&setup.path("chatguard.toml")).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicUsize::new(0));
-    let client = tokio::spawn(load(
-        server.connect().await,
-        500,
-        stop.clone(),
-        progress.clone(),
-        "what a wazzock",
-    ));
-    wait_for_progress(&progress, 100).await;
+    let load = Load::start(server.connect().await, "what a wazzock").await;
     // A new policy wordlist (a new file, named by the changed config file) for `default`.
     setup.write("kids/insult.txt", "wazzock | high\n");
     setup.write_config(
@@ -309,9 +311,7 @@ async fn file_poller_reloads_a_changed_config_under_load() {
         assert!(n < 3000, "the poller never picked up the change");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.store(true, Ordering::Release);
-    let sent = client.await.expect("load client did not panic");
-    assert!(sent >= 500, "{sent}");
+    load.finish().await;
     assert!(
         server
             .metric("chatguard_reloads_total{result=\"ok\"}")
