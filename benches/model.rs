@@ -5,13 +5,16 @@
 //! cargo bench --bench model                      # 10k messages
 //! cargo bench --bench model -- --quick           # 2k messages
 //! cargo bench --bench model -- --messages 5000 --concurrency 128 --intra-threads 1 --batch 16
+//! cargo bench --bench model -- --rounds 5        # Rust/Python rounds (default 3)
 //! ```
 //! Needs `make models`. Prints msgs/s and p50/p99 latency for: lone requests through the batcher,
 //! the batcher under `--concurrency` closed-loop requesters, and the direct fixed-batch path
 //! (raw: pre-tokenized, arrival order; direct: `classify_batch_blocking`, length-sorted), then the
 //! batcher/raw ratio. Then, in the same run, the Python peer `models/scripts/py_text_bench.py`
 //! (batched onnxruntime + tokenizers on the same ONNX files and messages; needs the venv of
-//! `make models`, `PY_TEXT_BENCH=0` skips it) and the Rust/Python ratio.
+//! `make models`, `PY_TEXT_BENCH=0` skips it) and the Rust/Python ratio: `--rounds` rounds, each a
+//! fresh batcher pass right before a Python arrival-order pass, so that a machine whose speed
+//! drifts (a shared VM) affects both sides of each round's ratio alike; the median is reported.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +32,8 @@ struct Args {
     intra_threads: usize,
     /// Batch size of the direct path (and the batcher's max batch size).
     batch: usize,
+    /// Rounds of (Rust batcher pass, Python arrival-order pass) for the ratio.
+    rounds: usize,
 }
 
 fn parse_args() -> Args {
@@ -37,6 +42,7 @@ fn parse_args() -> Args {
         concurrency: 64,
         intra_threads: TextModelConfig::default().intra_threads,
         batch: 32,
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,6 +57,7 @@ fn parse_args() -> Args {
             "--concurrency" => args.concurrency = value("--concurrency"),
             "--intra-threads" => args.intra_threads = value("--intra-threads"),
             "--batch" => args.batch = value("--batch"),
+            "--rounds" => args.rounds = value("--rounds").max(1),
             _ => {} // `--bench` and other harness flags
         }
     }
@@ -198,6 +205,63 @@ fn main() {
     });
 
     // Concurrent closed-loop requesters through the batcher.
+    let first = batcher_pass(&runtime, &classifier, &messages, args.concurrency);
+    let mut lone = lone;
+    lone.sort_unstable();
+    let batched = first.rate;
+    let latencies = first.latencies;
+
+    println!(
+        "lone requests (batcher, 1 in flight): n={} p50={:.2} ms p99={:.2} ms",
+        lone.len(),
+        ms(percentile(&lone, 0.5)),
+        ms(percentile(&lone, 0.99))
+    );
+    println!(
+        "batcher, {} requesters:              {:.0} msgs/s  p50={:.1} ms p99={:.1} ms  mean batch {:.1} ({} batches)",
+        args.concurrency,
+        batched,
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        first.mean_batch,
+        first.batches
+    );
+    println!(
+        "direct, length-sorted batches of {} (tokenize+run, eval path): {direct:.0} msgs/s",
+        args.batch
+    );
+    println!(
+        "raw sessions fixed batches of {} (pre-tokenized): {raw:.0} msgs/s",
+        args.batch
+    );
+    println!(
+        "ratio batcher/raw = {:.0}%   batcher/direct = {:.0}%",
+        100.0 * batched / raw,
+        100.0 * batched / direct
+    );
+    let mut rust_pass = || batcher_pass(&runtime, &classifier, &messages, args.concurrency).rate;
+    python_peer(&messages, &args, &mut rust_pass, direct, mean_insult);
+}
+
+/// One batcher pass's figures.
+struct Pass {
+    /// Messages per second.
+    rate: f64,
+    /// Per-request latency, sorted.
+    latencies: Vec<Duration>,
+    /// Mean batch size.
+    mean_batch: f64,
+    /// Model runs.
+    batches: u64,
+}
+
+/// Sends every message through the batcher from `concurrency` closed-loop requesters.
+fn batcher_pass(
+    runtime: &tokio::runtime::Runtime,
+    classifier: &TextClassifier,
+    messages: &Arc<Vec<String>>,
+    concurrency: usize,
+) -> Pass {
     let before = classifier.stats();
     let started = Instant::now();
     let mut latencies = runtime.block_on({
@@ -205,7 +269,7 @@ fn main() {
         let messages = messages.clone();
         async move {
             let next = Arc::new(AtomicUsize::new(0));
-            let tasks: Vec<_> = (0..args.concurrency.max(1))
+            let tasks: Vec<_> = (0..concurrency.max(1))
                 .map(|_| {
                     let (classifier, messages, next) =
                         (classifier.clone(), messages.clone(), next.clone());
@@ -235,48 +299,41 @@ fn main() {
     let elapsed = started.elapsed();
     let after = classifier.stats();
     latencies.sort_unstable();
-    let mut lone = lone;
-    lone.sort_unstable();
-    let batched = latencies.len() as f64 / elapsed.as_secs_f64();
     let batches = after.batches - before.batches;
     let items = after.batched_items - before.batched_items;
+    Pass {
+        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        latencies,
+        mean_batch: items as f64 / batches.max(1) as f64,
+        batches,
+    }
+}
 
-    println!(
-        "lone requests (batcher, 1 in flight): n={} p50={:.2} ms p99={:.2} ms",
-        lone.len(),
-        ms(percentile(&lone, 0.5)),
-        ms(percentile(&lone, 0.99))
-    );
-    println!(
-        "batcher, {} requesters:              {:.0} msgs/s  p50={:.1} ms p99={:.1} ms  mean batch {:.1} ({} batches)",
-        args.concurrency,
-        batched,
-        ms(percentile(&latencies, 0.5)),
-        ms(percentile(&latencies, 0.99)),
-        items as f64 / batches.max(1) as f64,
-        batches
-    );
-    println!(
-        "direct, length-sorted batches of {} (tokenize+run, eval path): {direct:.0} msgs/s",
-        args.batch
-    );
-    println!(
-        "raw sessions fixed batches of {} (pre-tokenized): {raw:.0} msgs/s",
-        args.batch
-    );
-    println!(
-        "ratio batcher/raw = {:.0}%   batcher/direct = {:.0}%",
-        100.0 * batched / raw,
-        100.0 * batched / direct
-    );
-    python_peer(&messages, &args, batched, direct, mean_insult);
+/// The median of `values` (not empty; the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 /// The peer: `models/scripts/py_text_bench.py` (onnxruntime + tokenizers, same ONNX files, the
-/// same messages, length-sorted batches at the best calibrated size, same intra-op threads), run
-/// with the venv `make models` creates, after the Rust measurement; prints both figures and the
-/// ratio. Skipped when the venv is missing or `PY_TEXT_BENCH=0`.
-fn python_peer(messages: &[String], args: &Args, batched: f64, direct: f64, mean_insult: f64) {
+/// same messages, same intra-op threads), run with the venv `make models` creates. After its
+/// warm-up and calibration, `args.rounds` rounds of one `rust_pass` then one Python
+/// arrival-order pass (what a service batching whatever has queued gets); then Python's offline
+/// best case (length-sorted, best batch). Prints each round, the median ratio and the scores.
+/// Skipped when the venv is missing or `PY_TEXT_BENCH=0`.
+fn python_peer(
+    messages: &[String],
+    args: &Args,
+    rust_pass: &mut dyn FnMut() -> f64,
+    direct: f64,
+    mean_insult: f64,
+) {
+    use std::io::{BufRead, Write};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/models-venv/bin/python");
     let script = root.join("models/scripts/py_text_bench.py");
@@ -292,7 +349,7 @@ fn python_peer(messages: &[String], args: &Args, batched: f64, direct: f64, mean
         println!("python peer: cannot write {}: {e}", input.display());
         return;
     }
-    let output = std::process::Command::new(&python)
+    let child = std::process::Command::new(&python)
         .arg(&script)
         .arg("--input")
         .arg(&input)
@@ -300,54 +357,111 @@ fn python_peer(messages: &[String], args: &Args, batched: f64, direct: f64, mean
         .arg(args.intra_threads.to_string())
         .arg("--arrival-batch")
         .arg(args.batch.to_string())
+        .arg("--interleave")
         .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
-        .output();
-    let _ = std::fs::remove_file(&input);
-    let output = match output {
-        Ok(o) if o.status.success() => o,
-        Ok(o) => {
-            println!("python peer: {} exited with {}", script.display(), o.status);
-            return;
-        }
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => {
+            let _ = std::fs::remove_file(&input);
             println!("python peer: cannot run {}: {e}", python.display());
             return;
         }
     };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    print!("{stdout}");
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        unreachable!("both piped");
+    };
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    // Echoes Python's lines up to (and including) the first that starts with `prefix`.
+    let mut until = |prefix: &str| -> Option<String> {
+        for line in lines.by_ref() {
+            let line = line.ok()?;
+            println!("{line}");
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+        None
+    };
     let field = |line: &str, key: &str| -> Option<f64> {
         line.split_whitespace()
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
     };
-    let Some(line) = stdout.lines().find(|l| l.starts_with("PYTEXT ")) else {
+    let finish = |mut child: std::process::Child| {
+        let status = child.wait();
+        let _ = std::fs::remove_file(&input);
+        match status {
+            Ok(s) if s.success() => true,
+            other => {
+                println!("python peer: {} ended with {other:?}", script.display());
+                false
+            }
+        }
+    };
+    if until("PYTEXT_READY").is_none() {
+        finish(child);
+        return;
+    }
+    let (mut rust_rates, mut ratios) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let rust = rust_pass();
+        let asked = writeln!(stdin, "arrival").and_then(|()| stdin.flush());
+        let Some(py) = asked
+            .ok()
+            .and_then(|()| until("PYTEXT_ARRIVAL "))
+            .and_then(|l| field(&l, "msgs_per_s"))
+        else {
+            println!("python peer: no PYTEXT_ARRIVAL line in round {round}");
+            drop(stdin);
+            finish(child);
+            return;
+        };
+        println!(
+            "round {round}: rust batcher {rust:.0} msgs/s, python arrival-order {py:.0} msgs/s: \
+             {:.2}x",
+            rust / py
+        );
+        rust_rates.push(rust);
+        ratios.push(rust / py);
+    }
+    let _ = writeln!(stdin, "done").and_then(|()| stdin.flush());
+    drop(stdin);
+    let best = until("PYTEXT ");
+    if !finish(child) {
+        return;
+    }
+    let batched = median(&mut rust_rates);
+    println!(
+        "text model vs python, arrival-order batches of {} (as a service batches), {} rounds: \
+         median {:.2}x (rounds: {})",
+        args.batch,
+        args.rounds,
+        median(&mut ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let Some(line) = best else {
         println!("python peer: no PYTEXT line in its output");
         return;
     };
-    let (Some(py), py_insult) = (field(line, "msgs_per_s"), field(line, "mean_insult")) else {
+    let (Some(py), py_insult) = (field(&line, "msgs_per_s"), field(&line, "mean_insult")) else {
         println!("python peer: no msgs_per_s in `{line}`");
         return;
     };
     println!(
         "text model vs python (onnxruntime+tokenizers, length-sorted, best batch, {} intra-op \
-         threads): rust batcher {batched:.0} msgs/s ({:.2}x), rust direct {direct:.0} msgs/s \
-         ({:.2}x), python {py:.0} msgs/s; mean insult score rust {mean_insult:.5} python {}",
+         threads): rust batcher (median of the rounds) {batched:.0} msgs/s ({:.2}x), rust direct \
+         {direct:.0} msgs/s ({:.2}x), python {py:.0} msgs/s; mean insult score rust \
+         {mean_insult:.5} python {}",
         args.intra_threads,
         batched / py,
         direct / py,
         py_insult.map_or("?".to_string(), |v| format!("{v:.5}"))
     );
-    if let Some(arrival) = stdout
-        .lines()
-        .find(|l| l.starts_with("PYTEXT_ARRIVAL "))
-        .and_then(|l| field(l, "msgs_per_s"))
-    {
-        println!(
-            "text model vs python, arrival-order batches of {} (as a service batches): rust \
-             batcher {batched:.0} msgs/s, python {arrival:.0} msgs/s: {:.2}x",
-            args.batch,
-            batched / arrival
-        );
-    }
 }

@@ -11,6 +11,10 @@ Without --input it generates the same 10k chat messages as benches/model.rs (sam
 Last line, for scripts:  PYTEXT messages=N batch=B threads=T msgs_per_s=X mean_insult=Y
 (with --arrival-batch B also, before it, PYTEXT_ARRIVAL ...: unsorted batches of B, what a service
 batching in arrival order gets; compare with the Rust batcher).
+With --interleave (and --arrival-batch), it prints PYTEXT_READY after warm-up and calibration,
+then runs one arrival-order pass per `arrival` line on stdin (a PYTEXT_ARRIVAL line each) until
+`done`: the Rust bench alternates its own passes with these, so a machine whose speed drifts
+affects both sides of each ratio alike.
 """
 import argparse
 import os
@@ -123,6 +127,8 @@ def main():
     ap.add_argument("--batch", type=int, help="skip calibration, use this batch size")
     ap.add_argument("--arrival-batch", type=int, default=0,
                     help="also run unsorted (arrival order) batches of this size: PYTEXT_ARRIVAL")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the arrival-order pass once per `arrival` line on stdin, until `done`")
     args = ap.parse_args()
 
     if args.input:
@@ -146,12 +152,23 @@ def main():
                 best, batch = rate, b
 
     insult = textstack.HEAD_LABELS.index("insult")
-    if args.arrival_batch > 0:
+
+    def arrival_pass():
         t = time.perf_counter()
         scores = svc.scores(texts, args.arrival_batch, sort=False)
         rate = len(texts) / (time.perf_counter() - t)
         print(f"PYTEXT_ARRIVAL messages={len(texts)} batch={args.arrival_batch} threads={args.threads} "
               f"msgs_per_s={rate:.1f} mean_insult={float(scores[:, insult].mean()):.5f}", flush=True)
+
+    if args.interleave and args.arrival_batch > 0:
+        print("PYTEXT_READY", flush=True)
+        for line in sys.stdin:
+            if line.strip() == "arrival":
+                arrival_pass()
+            elif line.strip() == "done":
+                break
+    elif args.arrival_batch > 0:
+        arrival_pass()
 
     t = time.perf_counter()
     scores = svc.scores(texts, batch)
