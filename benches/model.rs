@@ -16,6 +16,10 @@
 //! fresh batcher pass right before a Python arrival-order pass, so that a machine whose speed
 //! drifts (a shared VM) affects both sides of each round's ratio alike; the median is reported.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -306,17 +310,6 @@ fn batcher_pass(
         latencies,
         mean_batch: items as f64 / batches.max(1) as f64,
         batches,
-    }
-}
-
-/// The median of `values` (not empty; the mean of the middle two for an even count).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
 

@@ -27,6 +27,10 @@
 //! `PEERS_VERBOSE=1` lists the hand-written lines either system gets wrong, on stderr).
 //! Prints a markdown table.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 use chatguard::policy::{Policy, Signals};
 use chatguard::server::protocol::Action;
 use chatguard::text::lexicon::{Lexicon, Scratch};
@@ -129,16 +133,6 @@ fn sample(corpus_bytes: usize, mut pass: impl FnMut() -> usize) -> f64 {
     (corpus_bytes * passes) as f64 / secs / 1e6
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn pct(num: usize, den: usize) -> String {
     if den == 0 {
         "–".into()
@@ -197,7 +191,11 @@ fn main() {
                 .count()
         }));
     }
-    let (cg, rr_inapp, rr_analyze) = (median(cg), median(rr_inapp), median(rr_analyze));
+    let (cg, rr_inapp, rr_analyze) = (
+        median(&mut cg),
+        median(&mut rr_inapp),
+        median(&mut rr_analyze),
+    );
 
     println!("## chatguard vs rustrict 0.7 — speed\n");
     println!(
