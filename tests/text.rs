@@ -492,6 +492,16 @@ fn fast_path_agrees_with_general_path() {
     for text in all {
         check_fast_path(text);
     }
+    // Long runs of marks: each ending in a space, the end of the text, or more text.
+    let run = "!".repeat(50_000);
+    for text in [
+        format!("wow{run} ok"),
+        format!("wow{run}"),
+        format!("sh{run}'t"),
+        format!("a{run}.{run}b"),
+    ] {
+        check_fast_path(&text);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

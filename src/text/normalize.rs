@@ -205,24 +205,30 @@ static SIMPLE: [Simple; 256] = {
     t
 };
 
-/// For the fast path, after a mark or apostrophe: whether the marks go on (up to whitespace)
-/// into more text or into a non-ASCII char, a case the fast path leaves to the general one.
-/// A plain `!!!` or `...` before a space or the end is not.
-#[inline]
-fn mark_cluster(bytes: &[u8], from: usize) -> bool {
+/// For the fast path, at a mark or apostrophe whose cluster of punctuation starts at `from`
+/// (the byte after it): `None` when the cluster runs into more text (`a|'aa`, `a''b`) or into
+/// a non-ASCII char (`a'\u{200D}b`), a case the fast path leaves to the general one; else
+/// `Some(end)`, where `end` is the first byte after the cluster (whitespace, a letter or
+/// digit right after the mark, or the end), so that the marks before `end` need no check of
+/// their own. A plain `!!!` or `...` before a space or the end is fine.
+fn mark_cluster(bytes: &[u8], from: usize) -> Option<usize> {
     let Some(&b) = bytes.get(from) else {
-        return false;
+        return Some(from);
     };
     if b >= 0x80 {
-        return true;
+        return None;
     }
     if b.is_ascii_alphanumeric() || b.is_ascii_whitespace() {
-        return false;
+        return Some(from);
     }
-    bytes[from..]
+    let end = bytes[from..]
         .iter()
-        .find(|b| !b.is_ascii_punctuation())
-        .is_some_and(|&b| !b.is_ascii_whitespace())
+        .position(|b| !b.is_ascii_punctuation())
+        .map_or(bytes.len(), |n| from + n);
+    match bytes.get(end) {
+        Some(b) if !b.is_ascii_whitespace() => None,
+        _ => Some(end),
+    }
 }
 
 static ASCII: [AsciiClass; 128] = {
@@ -508,11 +514,21 @@ impl Normalized {
         let mut last = 0u8;
         let mut word_letters = 0u32;
         let mut prev_single = false;
+        // Marks before this byte belong to a cluster already found fine (`mark_cluster`);
+        // checking each mark of a long `!!!!` run again would be quadratic.
+        let mut marks_checked = 0;
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
             let next_alnum = || bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric);
-            match SIMPLE[usize::from(b)] {
+            let class = SIMPLE[usize::from(b)];
+            if matches!(class, Simple::Apostrophe | Simple::Mark) && i >= marks_checked {
+                match mark_cluster(bytes, i + 1) {
+                    Some(end) => marks_checked = end,
+                    None => return false,
+                }
+            }
+            match class {
                 Simple::Letter if !in_word && !in_number => {
                     // A word starts: find its end eight bytes at a time, then emit it in a
                     // loop that does not look at byte classes.
@@ -606,11 +622,6 @@ impl Normalized {
                     in_number = true;
                     i += 1;
                     continue;
-                }
-                Simple::Apostrophe | Simple::Mark if mark_cluster(bytes, i + 1) => {
-                    // Marks in a cluster before more text (`a|'aa`, `a''b`) or before an
-                    // invisible char (`a'\u{200D}b`): the general path knows.
-                    return false;
                 }
                 Simple::Apostrophe if in_word || in_number => {
                     // Between letters it vanishes (`don't`); next to digits it needs leetspeak.
