@@ -82,16 +82,7 @@ impl Server {
 
     /// Tries to open `ws://addr{path}`, with `Authorization: Bearer token` when given.
     pub async fn connect_with(&self, token: Option<&str>, path: &str) -> Result<Ws, WsError> {
-        let mut req = format!("ws://{}{}", self.addr, path)
-            .into_client_request()
-            .expect("valid url");
-        if let Some(t) = token {
-            req.headers_mut().insert(
-                "authorization",
-                format!("Bearer {t}").parse().expect("header"),
-            );
-        }
-        connect_async(req).await.map(|(ws, _)| ws)
+        try_connect(self.addr, token, path).await
     }
 
     /// Starts a graceful shutdown (stop accepting, finish in-flight requests, close with 1001);
@@ -166,14 +157,23 @@ pub async fn next_event(ws: &mut Ws, kind: &str) -> Value {
 
 /// Opens `ws://addr/v1/ws` with `Authorization: Bearer token`.
 pub async fn connect_as(addr: SocketAddr, token: &str) -> Ws {
-    let mut req = format!("ws://{addr}/v1/ws")
+    try_connect(addr, Some(token), "/v1/ws")
+        .await
+        .expect("connect")
+}
+
+/// Tries to open `ws://addr{path}`, with `Authorization: Bearer token` when given.
+async fn try_connect(addr: SocketAddr, token: Option<&str>, path: &str) -> Result<Ws, WsError> {
+    let mut req = format!("ws://{addr}{path}")
         .into_client_request()
         .expect("valid url");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    connect_async(req).await.expect("connect").0
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    connect_async(req).await.map(|(ws, _)| ws)
 }
 
 /// One HTTP/1.1 `GET` (the admin endpoints) → (status, body); 30 s at most.

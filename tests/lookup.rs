@@ -8,13 +8,11 @@
 //! shared test FAILS if it cannot be reached. Without the variable it starts its own
 //! `redis-server` from `PATH` on a free port. Each test uses its own key prefix.
 
-use crate::common::{self, OTHER_TOKEN, Server, Ws, send, shared_redis, unique_prefix};
+use crate::common::{self, OTHER_TOKEN, Server, Ws, connect_as, send, shared_redis, unique_prefix};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-use crate::common::connect_as;
 
 /// The next text frame, raw.
 async fn recv_raw(ws: &mut Ws) -> String {

@@ -220,6 +220,9 @@ async fn load(
     sent
 }
 
+/// Requests a [`Load`] client sends at the least.
+const LOAD_MIN: usize = 500;
+
 /// A [`load`] client running in the background.
 struct Load {
     /// Tells it to stop once it has sent its minimum.
@@ -229,12 +232,12 @@ struct Load {
 }
 
 impl Load {
-    /// Starts [`load`] on `ws` (at least 500 requests) and waits until it has received 100
+    /// Starts [`load`] on `ws` (at least [`LOAD_MIN`] requests) and waits until it has received 100
     /// verdicts, so that what the test does next happens under load.
     async fn start(ws: Ws, new_term: &'static str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(load(ws, 500, stop.clone(), progress.clone(), new_term));
+        let task = tokio::spawn(load(ws, LOAD_MIN, stop.clone(), progress.clone(), new_term));
         let mut waited = 0;
         while progress.load(Ordering::Acquire) < 100 {
             waited += 1;
@@ -248,7 +251,7 @@ impl Load {
     async fn finish(self) {
         self.stop.store(true, Ordering::Release);
         let sent = self.task.await.expect("load client did not panic");
-        assert!(sent >= 500, "{sent}");
+        assert!(sent >= LOAD_MIN, "{sent}");
     }
 }
 
