@@ -173,8 +173,8 @@ const fn ascii_class(b: u8) -> AsciiClass {
     AsciiClass { kind, ch, alt }
 }
 
-/// What a byte is to [`Normalized::fill_simple`]. `Letter` and `Separator` come first: the
-/// loop handles them without branching on the class.
+/// What a byte is to [`Normalized::fill_simple`], which checks for `Letter` (most bytes)
+/// before anything else.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 enum Simple {
@@ -245,34 +245,10 @@ static ASCII: [AsciiClass; 128] = {
     t
 };
 
-/// Number of ASCII letters at `bytes[at..]` (at least 1 when `bytes[at]` is one), found
-/// eight bytes at a time.
-fn letters_at(bytes: &[u8], at: usize) -> usize {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let mut i = at;
-    loop {
-        let v = match bytes.get(i..i + 8) {
-            Some(eight) => u64::from_le_bytes(eight.try_into().unwrap_or_default()),
-            None => {
-                let mut chunk = [0u8; 8];
-                let avail = bytes.len().saturating_sub(i).min(8);
-                chunk[..avail].copy_from_slice(&bytes[i..i + avail]);
-                u64::from_le_bytes(chunk)
-            }
-        };
-        // Per byte (7-bit after masking, so no carries between bytes): folded to lowercase,
-        // `>= b'a'` and `>= b'{'`.
-        let y = (v | (0x20 * LO)) & !HI;
-        let ge_a = (y + 0x1f * LO) & HI;
-        let ge_brace = (y + 0x05 * LO) & HI;
-        let letters = ge_a & !ge_brace & !(v & HI);
-        let others = !letters & HI;
-        if others == 0 {
-            i += 8;
-            continue;
-        }
-        return i + (others.trailing_zeros() / 8) as usize - at;
+/// Makes `v` at least `len` long (new elements zero); never shrinks it.
+fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
     }
 }
 
@@ -492,25 +468,32 @@ impl Normalized {
     /// emoji (separators), inner apostrophes, trailing `!?*...`, and no two one-letter words
     /// in a row. Gives exactly what the general path gives, in one tight loop; returns `false`
     /// (leaving garbage behind) for any other message, which then takes the general path.
+    ///
+    /// Every folded char here comes from at least one byte of its own, so the folded text is
+    /// never longer than the input: the buffers are sized to the input once and written by
+    /// index, then cut to what was written.
     fn fill_simple<const MAP: bool>(&mut self, text: &str) -> bool {
         let bytes = text.as_bytes();
+        let len = bytes.len();
         let n = &mut *self;
-        n.text.clear();
-        n.runs.clear();
-        n.text.reserve(bytes.len());
-        n.runs.reserve(bytes.len());
+        grow(&mut n.text, len);
+        grow(&mut n.runs, len);
         if MAP {
-            n.starts.clear();
-            n.ends.clear();
-            n.starts.reserve(bytes.len());
-            n.ends.reserve(bytes.len());
+            grow(&mut n.starts, len);
+            grow(&mut n.ends, len);
         }
-        // The run of the last char pushed to `text` is kept here and pushed to `runs` when
-        // the next char starts, so the loop never reads back what it just wrote.
-        let mut run = 1u8;
+        let (out, runs) = (&mut n.text[..len], &mut n.runs[..len]);
+        let (starts, ends): (&mut [u32], &mut [u32]) = if MAP {
+            (&mut n.starts[..len], &mut n.ends[..len])
+        } else {
+            (&mut [], &mut [])
+        };
+        // Bytes written to each buffer.
+        let mut w = 0;
         // In a token of letters / of digits.
         let mut in_word = false;
         let mut in_number = false;
+        // The last letter written in this word (`0` outside words).
         let mut last = 0u8;
         let mut word_letters = 0u32;
         let mut prev_single = false;
@@ -518,10 +501,36 @@ impl Normalized {
         // checking each mark of a long `!!!!` run again would be quadratic.
         let mut marks_checked = 0;
         let mut i = 0;
-        while i < bytes.len() {
+        while i < len {
             let b = bytes[i];
-            let next_alnum = || bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric);
             let class = SIMPLE[usize::from(b)];
+            if class == Simple::Letter {
+                if in_number {
+                    return false;
+                }
+                let c = b | 0x20;
+                if c == last {
+                    // A repeat: the run grows, the char now ends here.
+                    runs[w - 1] = runs[w - 1].saturating_add(1);
+                    if MAP {
+                        ends[w - 1] = i as u32 + 1;
+                    }
+                } else {
+                    out[w] = c;
+                    runs[w] = 1;
+                    if MAP {
+                        starts[w] = i as u32;
+                        ends[w] = i as u32 + 1;
+                    }
+                    w += 1;
+                    last = c;
+                }
+                in_word = true;
+                word_letters += 1;
+                i += 1;
+                continue;
+            }
+            let next_alnum = || bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric);
             if matches!(class, Simple::Apostrophe | Simple::Mark) && i >= marks_checked {
                 match mark_cluster(bytes, i + 1) {
                     Some(end) => marks_checked = end,
@@ -529,96 +538,19 @@ impl Normalized {
                 }
             }
             match class {
-                Simple::Letter if !in_word && !in_number => {
-                    // A word starts: find its end eight bytes at a time, then emit it in a
-                    // loop that does not look at byte classes.
-                    let end = i + letters_at(bytes, i);
-                    if !n.text.is_empty() {
-                        n.runs.push(run);
-                    }
-                    run = 1;
-                    last = 0;
-                    let word = &bytes[i..end];
-                    if !word.windows(2).any(|w| (w[0] ^ w[1]) & !0x20 == 0) {
-                        // No doubled letter: bulk copies.
-                        n.text.extend(word.iter().map(|b| b | 0x20));
-                        n.runs.extend(std::iter::repeat_n(1, word.len() - 1));
-                        if MAP {
-                            n.starts.extend(i as u32..end as u32);
-                            n.ends.extend(i as u32 + 1..end as u32 + 1);
-                        }
-                        last = word[word.len() - 1] | 0x20;
-                        in_word = true;
-                        word_letters = word.len() as u32;
-                        i = end;
-                        continue;
-                    }
-                    for (pos, &b) in (i as u32..).zip(word) {
-                        let c = b | 0x20;
-                        if c == last {
-                            run = run.saturating_add(1);
-                            if MAP && let Some(e) = n.ends.last_mut() {
-                                *e = pos + 1;
-                            }
-                        } else {
-                            if pos != i as u32 {
-                                n.runs.push(run);
-                            }
-                            n.text.push(c);
-                            if MAP {
-                                n.starts.push(pos);
-                                n.ends.push(pos + 1);
-                            }
-                            run = 1;
-                            last = c;
-                        }
-                    }
-                    in_word = true;
-                    word_letters = (end - i) as u32;
-                    i = end;
-                    continue;
-                }
-                Simple::Letter => {
-                    if in_number {
-                        return false;
-                    }
-                    let c = b | 0x20;
-                    if in_word && c == last {
-                        run = run.saturating_add(1);
-                        if MAP && let Some(e) = n.ends.last_mut() {
-                            *e = i as u32 + 1;
-                        }
-                    } else {
-                        if !n.text.is_empty() {
-                            n.runs.push(run);
-                        }
-                        n.text.push(c);
-                        if MAP {
-                            n.starts.push(i as u32);
-                            n.ends.push(i as u32 + 1);
-                        }
-                        run = 1;
-                        last = c;
-                        in_word = true;
-                    }
-                    word_letters += 1;
-                    i += 1;
-                    continue;
-                }
+                Simple::Letter | Simple::Separator => {}
                 Simple::Digit => {
                     if in_word {
                         return false;
                     }
                     n.has |= HAS_DIGIT;
-                    if !n.text.is_empty() {
-                        n.runs.push(run);
-                    }
-                    n.text.push(b);
+                    out[w] = b;
+                    runs[w] = 1;
                     if MAP {
-                        n.starts.push(i as u32);
-                        n.ends.push(i as u32 + 1);
+                        starts[w] = i as u32;
+                        ends[w] = i as u32 + 1;
                     }
-                    run = 1;
+                    w += 1;
                     in_number = true;
                     i += 1;
                     continue;
@@ -634,7 +566,7 @@ impl Normalized {
                     }
                 }
                 Simple::Mark if next_alnum() => return false,
-                Simple::Apostrophe | Simple::Mark | Simple::Separator => {}
+                Simple::Apostrophe | Simple::Mark => {}
                 Simple::Other if b < 0x80 => return false,
                 Simple::Other => {
                     let Some(c) = text[i..].chars().next() else {
@@ -643,11 +575,8 @@ impl Normalized {
                     let end = i + c.len_utf8();
                     if matches!(c, '\u{200D}' | '\u{FE0F}') {
                         // Invisible: belongs to the token it is in.
-                        if MAP
-                            && (in_word || in_number)
-                            && let Some(e) = n.ends.last_mut()
-                        {
-                            *e = end as u32;
+                        if MAP && (in_word || in_number) {
+                            ends[w - 1] = end as u32;
                         }
                         i = end;
                         continue;
@@ -666,16 +595,17 @@ impl Normalized {
                     return false;
                 }
                 prev_single = single;
-                n.runs.push(run);
-                n.text.push(b' ');
+                out[w] = b' ';
+                runs[w] = 1;
                 if MAP {
-                    let at = n.ends.last().copied().unwrap_or(0);
-                    n.starts.push(at);
-                    n.ends.push(at);
+                    let at = ends[w - 1];
+                    starts[w] = at;
+                    ends[w] = at;
                 }
-                run = 1;
+                w += 1;
                 in_word = false;
                 in_number = false;
+                last = 0;
                 word_letters = 0;
             }
             i += 1;
@@ -684,13 +614,14 @@ impl Normalized {
             if in_word && word_letters == 1 && prev_single {
                 return false;
             }
-            n.runs.push(run);
-        } else if n.text.last() == Some(&b' ') {
-            n.text.pop();
-            if MAP {
-                n.starts.pop();
-                n.ends.pop();
-            }
+        } else if w > 0 && out[w - 1] == b' ' {
+            w -= 1;
+        }
+        n.text.truncate(w);
+        n.runs.truncate(w);
+        if MAP {
+            n.starts.truncate(w);
+            n.ends.truncate(w);
         }
         true
     }
@@ -1314,26 +1245,6 @@ mod tests {
             g.set_general(&text);
             assert_eq!(g.as_str(), "ab cd", "{c:?} U+{:04X}", c as u32);
             assert_eq!(n.as_str(), g.as_str());
-        }
-    }
-
-    #[test]
-    fn letters_at_counts_ascii_letters() {
-        for (text, at, want) in [
-            ("hello world", 0, 5),
-            ("hello world", 6, 5),
-            (
-                "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!",
-                0,
-                52,
-            ),
-            ("a@[`{z", 0, 1),
-            ("Zz", 0, 2),
-            ("é", 0, 0),
-            ("abcdefgh", 0, 8),
-            ("abcdefgh1", 3, 5),
-        ] {
-            assert_eq!(letters_at(text.as_bytes(), at), want, "{text:?} at {at}");
         }
     }
 
