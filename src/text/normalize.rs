@@ -508,26 +508,35 @@ impl Normalized {
                 if in_number {
                     return false;
                 }
-                let c = b | 0x20;
-                if c == last {
-                    // A repeat: the run grows, the char now ends here.
-                    runs[w - 1] = runs[w - 1].saturating_add(1);
-                    if MAP {
-                        ends[w - 1] = i as u32 + 1;
+                // The letters up to the next non-letter, in a loop of their own.
+                let from = i;
+                let mut b = b;
+                loop {
+                    let c = b | 0x20;
+                    if c == last {
+                        // A repeat: the run grows, the char now ends here.
+                        runs[w - 1] = runs[w - 1].saturating_add(1);
+                        if MAP {
+                            ends[w - 1] = i as u32 + 1;
+                        }
+                    } else {
+                        out[w] = c;
+                        runs[w] = 1;
+                        if MAP {
+                            starts[w] = i as u32;
+                            ends[w] = i as u32 + 1;
+                        }
+                        w += 1;
+                        last = c;
                     }
-                } else {
-                    out[w] = c;
-                    runs[w] = 1;
-                    if MAP {
-                        starts[w] = i as u32;
-                        ends[w] = i as u32 + 1;
+                    i += 1;
+                    match bytes.get(i) {
+                        Some(&next) if SIMPLE[usize::from(next)] == Simple::Letter => b = next,
+                        _ => break,
                     }
-                    w += 1;
-                    last = c;
                 }
                 in_word = true;
-                word_letters += 1;
-                i += 1;
+                word_letters += (i - from) as u32;
                 continue;
             }
             let next_alnum = || bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric);
