@@ -396,7 +396,9 @@ impl Lexicon {
         if let Some(words) = &inner.words {
             inner.search_words(words, bytes, runs, chains, raw, allow);
         }
-        if let Some(latin) = &inner.latin {
+        if let Some(latin) = &inner.latin
+            && latin.may_occur(bytes)
+        {
             inner.search(latin, bytes, runs, chains, raw, allow);
         }
         let gated = [
@@ -665,6 +667,46 @@ struct Searcher {
     /// Anchored searchers over `[a-z ]` patterns only: which walks from the start state
     /// may find something, by the first bytes, so [`Inner::search_words`] can skip the rest.
     prefix: Option<Prefixes>,
+    /// Searchers of a few patterns, each at least two bytes long: per pattern, the
+    /// [`pair_set`] of its bytes, so [`Searcher::may_occur`] can skip a text that lacks some
+    /// pair of every pattern.
+    pairs: Option<Box<[PairSet]>>,
+}
+
+/// Most patterns a searcher may have for [`Searcher::pairs`]: past that, some pattern's
+/// pairs are nearly always all there, and the check costs more than it saves.
+const MAX_PAIR_PATTERNS: usize = 16;
+
+/// A 64-bit Bloom filter of the pairs of adjacent bytes in a text.
+type PairSet = u64;
+
+/// The [`PairSet`] of `bytes`.
+#[inline]
+fn pair_set(bytes: &[u8]) -> PairSet {
+    let Some((&first, rest)) = bytes.split_first() else {
+        return 0;
+    };
+    let mut set = 0u64;
+    let mut prev = u32::from(first);
+    for &b in rest {
+        let pair = prev << 8 | u32::from(b);
+        prev = u32::from(b);
+        set |= 1 << (pair.wrapping_mul(0x9E37_79B1) >> 26);
+    }
+    set
+}
+
+impl Searcher {
+    /// Whether some pattern may occur in `bytes`: `false` only when every pattern holds a pair
+    /// of adjacent bytes that `bytes` does not (exact: then no pattern occurs).
+    #[inline]
+    fn may_occur(&self, bytes: &[u8]) -> bool {
+        let Some(pairs) = &self.pairs else {
+            return true;
+        };
+        let text = pair_set(bytes);
+        pairs.iter().any(|&p| p & !text == 0)
+    }
 }
 
 /// Per first three or four bytes of a walk: whether it may find something.
@@ -797,6 +839,12 @@ impl Searcher {
             .start_kind(kind)
             .prefilter(false)
             .build(ids.iter().map(|&i| &patterns[i]))?;
+        let pairs = (ids.len() <= MAX_PAIR_PATTERNS && ids.iter().all(|&i| patterns[i].len() >= 2))
+            .then(|| {
+                ids.iter()
+                    .map(|&i| pair_set(patterns[i].as_bytes()))
+                    .collect()
+            });
         let prefix = match kind {
             StartKind::Anchored => prefix_table(&dfa, ids.iter().map(|&i| &patterns[i])),
             _ => None,
@@ -805,6 +853,7 @@ impl Searcher {
             dfa,
             ids: ids.into_iter().map(|i| i as u32).collect(),
             prefix,
+            pairs,
         }))
     }
 }
@@ -1328,6 +1377,49 @@ mod tests {
         let skipped = ["hello", "world", "thanks", "meeting", "tomorrow", "what"]
             .iter()
             .filter(|w| !prefix.may_start(w.as_bytes()))
+            .count();
+        assert!(skipped >= 3, "{skipped}");
+    }
+
+    #[test]
+    fn pair_gate_never_skips_an_occurrence() {
+        let lex = Lexicon::embedded().unwrap();
+        let inner = &*lex.inner;
+        let latin = inner.latin.as_ref().unwrap();
+        assert!(
+            latin.pairs.is_some(),
+            "the default lists keep `latin` small"
+        );
+        let patterns: Vec<String> = inner
+            .entries
+            .iter()
+            .filter(|e| !e.bound_start && e.term.bytes().all(|b| b.is_ascii_lowercase()))
+            .map(|e| e.term.to_string())
+            .collect();
+        assert!(!patterns.is_empty());
+        for p in &patterns {
+            for text in [
+                p.clone(),
+                format!("mother{p}er"),
+                format!("you {p} off"),
+                format!("a{p}"),
+                format!("{p}!"),
+            ] {
+                let folded = Normalized::of(&text);
+                assert!(latin.may_occur(folded.as_bytes()), "{text:?}");
+            }
+        }
+        // Texts with none of them are mostly skipped.
+        let clean = [
+            "see you at the meeting tomorrow",
+            "what a lovely day",
+            "thanks for the help",
+            "ok",
+            "",
+        ];
+        let skipped = clean
+            .iter()
+            .filter(|t| !latin.may_occur(t.as_bytes()))
             .count();
         assert!(skipped >= 3, "{skipped}");
     }
