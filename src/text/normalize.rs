@@ -273,7 +273,9 @@ fn is_invisible(c: char) -> bool {
 /// Scripts written without spaces between words: Han, kana, Hangul, Bopomofo, Thai, Lao,
 /// Khmer, Myanmar. Wordlist entries in them match as substrings.
 pub fn is_unspaced(c: char) -> bool {
-    matches!(c,
+    // Most chars (Latin, Greek, Cyrillic...) come before the first range.
+    c >= '\u{0E00}'
+        && matches!(c,
         '\u{0E00}'..='\u{0EFF}' | '\u{1000}'..='\u{109F}' | '\u{1100}'..='\u{11FF}'
         | '\u{1780}'..='\u{17FF}' | '\u{2E80}'..='\u{2FDF}' | '\u{3005}'..='\u{3007}'
         | '\u{3040}'..='\u{31FF}' | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}'
