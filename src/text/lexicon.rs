@@ -917,30 +917,6 @@ impl Inner {
         let Ok(start) = dfa.start_state(Anchored::Yes) else {
             return;
         };
-        let walk =
-            |s: usize, raw: &mut Vec<(usize, usize, u32)>, allow: &mut Vec<(usize, usize)>| {
-                let mut sid = start;
-                let mut at = s;
-                while at < bytes.len() {
-                    sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
-                    at += 1;
-                    if !dfa.is_special(sid) {
-                        continue;
-                    }
-                    if dfa.is_dead(sid) {
-                        break;
-                    }
-                    if !dfa.is_match(sid) {
-                        continue;
-                    }
-                    for k in 0..dfa.match_len(sid) {
-                        let pid = dfa.match_pattern(sid, k);
-                        if at - dfa.pattern_len(pid) == s {
-                            self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
-                        }
-                    }
-                }
-            };
         // Whether the walk from `s` (a position of `bytes`) may find something.
         let may_start = |s: usize| {
             searcher
@@ -957,7 +933,7 @@ impl Inner {
                         .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
                 };
                 if (word_start || in_chain()) && may_start(s) {
-                    walk(s, raw, allow);
+                    self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
                 }
             }
             return;
@@ -992,7 +968,47 @@ impl Inner {
                 n += usize::from(may_start(base + usize::from(i)));
             }
             for &i in &list[..n] {
-                walk(base + usize::from(i), raw, allow);
+                let s = base + usize::from(i);
+                self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
+            }
+        }
+    }
+
+    /// Walks `searcher`'s anchored DFA from `start` at `bytes[s..]` and checks the occurrences
+    /// that start at `s`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn walk(
+        &self,
+        searcher: &Searcher,
+        start: StateID,
+        s: usize,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
+        let dfa = &searcher.dfa;
+        let mut sid = start;
+        let mut at = s;
+        while at < bytes.len() {
+            sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
+            at += 1;
+            if !dfa.is_special(sid) {
+                continue;
+            }
+            if dfa.is_dead(sid) {
+                break;
+            }
+            if !dfa.is_match(sid) {
+                continue;
+            }
+            for k in 0..dfa.match_len(sid) {
+                let pid = dfa.match_pattern(sid, k);
+                if at - dfa.pattern_len(pid) == s {
+                    self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+                }
             }
         }
     }
@@ -1356,14 +1372,16 @@ mod tests {
             texts.extend((1..=4).map(|k| e.term.chars().take(k).collect()));
         }
         let alphabet = b"abcfiknstu *";
-        for k in 0..alphabet.len().pow(4) {
-            let mut t = String::new();
-            let mut k = k;
-            for _ in 0..4 {
-                t.push(char::from(alphabet[k % alphabet.len()]));
-                k /= alphabet.len();
+        for len in 1..=4 {
+            for k in 0..alphabet.len().pow(len) {
+                let mut t = String::new();
+                let mut k = k;
+                for _ in 0..len {
+                    t.push(char::from(alphabet[k % alphabet.len()]));
+                    k /= alphabet.len();
+                }
+                texts.push(t);
             }
-            texts.push(t);
         }
         let mut found = 0;
         for text in &texts {
