@@ -492,11 +492,11 @@ impl Normalized {
         };
         // Bytes written to each buffer.
         let mut w = 0;
-        // In a token of letters / of digits.
-        let mut in_word = false;
+        // In a token of digits.
         let mut in_number = false;
         // The last letter written in this word (`0` outside words).
         let mut last = 0u8;
+        // Letters read in the current word; in a word of letters while non-zero.
         let mut word_letters = 0u32;
         let mut prev_single = false;
         // Marks before this byte belong to a cluster already found fine (`mark_cluster`);
@@ -537,7 +537,6 @@ impl Normalized {
                         _ => break,
                     }
                 }
-                in_word = true;
                 word_letters += (i - from) as u32;
                 continue;
             }
@@ -551,7 +550,7 @@ impl Normalized {
             match class {
                 Simple::Letter | Simple::Separator => {}
                 Simple::Digit => {
-                    if in_word {
+                    if word_letters > 0 {
                         return false;
                     }
                     n.has |= HAS_DIGIT;
@@ -566,7 +565,7 @@ impl Normalized {
                     i += 1;
                     continue;
                 }
-                Simple::Apostrophe if in_word || in_number => {
+                Simple::Apostrophe if word_letters > 0 || in_number => {
                     // Between letters it vanishes (`don't`); next to digits it needs leetspeak.
                     if next_alnum() {
                         if in_number || !bytes[i + 1].is_ascii_alphabetic() {
@@ -586,7 +585,7 @@ impl Normalized {
                     let end = i + c.len_utf8();
                     if matches!(c, '\u{200D}' | '\u{FE0F}') {
                         // Invisible: belongs to the token it is in.
-                        if MAP && (in_word || in_number) {
+                        if MAP && (word_letters > 0 || in_number) {
                             ends[w - 1] = end as u32;
                         }
                         i = end;
@@ -599,8 +598,8 @@ impl Normalized {
                 }
             }
             // A separator.
-            if in_word || in_number {
-                let single = in_word && word_letters == 1;
+            if word_letters > 0 || in_number {
+                let single = word_letters == 1;
                 if single && prev_single {
                     // Possibly a `f u c k` chain.
                     return false;
@@ -614,15 +613,14 @@ impl Normalized {
                     ends[w] = at;
                 }
                 w += 1;
-                in_word = false;
                 in_number = false;
                 last = 0;
                 word_letters = 0;
             }
             i += 1;
         }
-        if in_word || in_number {
-            if in_word && word_letters == 1 && prev_single {
+        if word_letters > 0 || in_number {
+            if word_letters == 1 && prev_single {
                 return false;
             }
         } else if w > 0 && out[w - 1] == b' ' {
