@@ -309,22 +309,7 @@ fn chat_text() -> impl Strategy<Value = String> {
 fn the_fast_path_folds_like_the_general_path() {
     runner(3000)
         .run(&chat_text(), |text| {
-            let mut general = Normalized::new();
-            general.set_general(&text);
-            let fast = Normalized::of(&text);
-            prop_assert_eq!(fast.as_str(), general.as_str(), "{:?}", text);
-            prop_assert_eq!(fast.runs(), general.runs(), "{:?}", text);
-            prop_assert_eq!(fast.chains(), general.chains(), "{:?}", text);
-            prop_assert_eq!(fast.has(), general.has(), "{:?}", text);
-            for i in 0..general.len() {
-                prop_assert_eq!(
-                    fast.original_range(i..i + 1),
-                    general.original_range(i..i + 1),
-                    "{:?} @{}",
-                    text,
-                    i
-                );
-            }
+            crate::text::check_fast_path(&text);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));

@@ -429,7 +429,9 @@ fn large_input() {
 
 /// The fast path (mapped and unmapped) folds exactly like the general per-char path, offset
 /// map included.
-fn check_fast_path(text: &str) {
+/// Asserts that the fast path (mapped and unmapped) folds `text` exactly like the general path:
+/// folded text, runs, chains, `has` bits and the offset of every folded byte.
+pub(crate) fn check_fast_path(text: &str) {
     let mut general = Normalized::new();
     general.set_general(text);
     let mapped = Normalized::of(text);
@@ -439,6 +441,7 @@ fn check_fast_path(text: &str) {
         assert_eq!(fast.as_str(), general.as_str(), "{text:?}");
         assert_eq!(fast.runs(), general.runs(), "{text:?}");
         assert_eq!(fast.chains(), general.chains(), "{text:?}");
+        assert_eq!(fast.has(), general.has(), "{text:?}");
     }
     for i in 0..general.len() {
         assert_eq!(
