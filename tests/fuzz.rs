@@ -280,7 +280,7 @@ fn normalize_and_scan_keep_offsets_in_the_original_text() {
 }
 
 /// Chat-like text of the kind the normalizer's fast path takes (ASCII words, numbers, words
-/// mixing both, apostrophes, marks, punctuation, emoji), with the odd char that sends it to
+/// mixing both, apostrophes, marks, punctuation, emoji, Han/kana/Hangul), with the odd char that sends it to
 /// the general path.
 fn chat_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
@@ -296,6 +296,7 @@ fn chat_text() -> impl Strategy<Value = String> {
             "aa", "oo", "ll", "00", "11", "22", "66", "0o", "1i", "3e", "5s", "zz",
         ][..])
         .prop_map(str::to_string),
+        3 => "[哈好你的了吗こんカ감사\u{20000}]{1,4}",
         4 => prop::sample::select(&[
             " ", " ", " ", "  ", ", ", ". ", "!", "?", "...", "-", "_", "'", "\n", "\t",
             "😀", "❤\u{fe0f}", "\u{200d}", "🔥", "é", "ｆ",

@@ -486,6 +486,46 @@ fn fast_path_agrees_with_general_path() {
         "a",
         "ab'",
         "'em",
+        // Unspaced scripts (Han, kana, Hangul) take the fast path too.
+        "你好 the patch notes are out haha",
+        "好的 没问题 ok",
+        "好的, 没问题",
+        "好的...  没问题",
+        "好的\n没问题",
+        "哈哈哈哈哈!",
+        "哈 哈",
+        "哈!! 哈",
+        "哈! ! 哈",
+        "哈 !! 哈",
+        "哈 !!! 哈",
+        "哈 '' 哈",
+        "哈'a",
+        "哈'a b",
+        "b 哈'a",
+        "a 哈 b",
+        "哈 a 哈",
+        "哈 5 哈",
+        "988 今天天气很好 lol",
+        "哈🙂哈",
+        "哈 🙂\u{fe0f} 哈",
+        "哈\u{fe0f}",
+        "哈\u{200d}哈",
+        "你好fuck你 :) 😎",
+        "fuck你",
+        "哈5",
+        "5哈",
+        "哈!a",
+        "감'3",
+        "감'a",
+        "哈*哈",
+        "哈!哈",
+        "a!哈",
+        "こんにちは HAHA",
+        "감사합니다 lol",
+        "\u{20000}\u{20000} 𠀀",
+        "゛゜ ゛",
+        "哈，哈",
+        "操你妈 tbh",
     ];
     let all = lines(SAFE)
         .chain(lines(NEGATIVE))
@@ -504,6 +544,41 @@ fn fast_path_agrees_with_general_path() {
         format!("a{run}.{run}b"),
     ] {
         check_fast_path(&text);
+    }
+}
+
+/// Every mix of up to four pieces from an alphabet around the unspaced-script part of the fast
+/// path (tokens gluing, gaps of 1–4 separators, marks after a token, repeats across a gap).
+#[test]
+fn fast_path_agrees_on_every_short_mix() {
+    const PIECES: &[&str] = &[
+        "哈", "好", "a", "bc", "5", " ", "   ", "!", "'", "*", ".", "\n", "🙂", "\u{fe0f}",
+        "\u{200d}",
+    ];
+    let mut text = String::new();
+    let mut idx = [0usize; 4];
+    for len in 1..=idx.len() {
+        idx = [0; 4];
+        loop {
+            text.clear();
+            for &k in &idx[..len] {
+                text.push_str(PIECES[k]);
+            }
+            check_fast_path(&text);
+            // Next combination, like an odometer.
+            let mut d = 0;
+            while d < len {
+                idx[d] += 1;
+                if idx[d] < PIECES.len() {
+                    break;
+                }
+                idx[d] = 0;
+                d += 1;
+            }
+            if d == len {
+                break;
+            }
+        }
     }
 }
 

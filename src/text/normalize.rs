@@ -33,9 +33,9 @@
 //! Tokens are joined by exactly one ASCII space; the folded text has no leading or trailing
 //! space.
 //!
-//! Speed: most chat messages (ASCII letters, numbers, punctuation, emoji) take a fast path
-//! that gives exactly what the general per-char path gives (tested against it,
-//! [`Normalized::set_general`]); the rest take the general path.
+//! Speed: most chat messages (ASCII letters, numbers, punctuation, emoji, and tokens of Han,
+//! kana or Hangul) take a fast path that gives exactly what the general per-char path gives
+//! (tested against it, [`Normalized::set_general`]); the rest take the general path.
 
 use std::ops::Range;
 use unicode_normalization::char::{decompose_compatible, is_combining_mark};
@@ -136,6 +136,17 @@ struct Unit {
     alt: char,
     /// What it does in the token.
     kind: Kind,
+}
+
+/// What [`Normalized::fill_simple`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fast {
+    /// The message is folded.
+    Done,
+    /// The message needs the general path.
+    General,
+    /// The message holds Han, kana or Hangul: run the `UNSPACED` variant.
+    Unspaced,
 }
 
 /// Per ASCII byte: what it does and its folded char and leet/alternative char.
@@ -428,12 +439,20 @@ impl Normalized {
         self.mapped = map;
         self.has = 0;
         self.chains.clear();
-        let simple = if map {
-            self.fill_simple::<true>(text)
+        let mut fast = if map {
+            self.fill_simple::<true, false>(text)
         } else {
-            self.fill_simple::<false>(text)
+            self.fill_simple::<false, false>(text)
         };
-        if !simple {
+        if fast == Fast::Unspaced {
+            self.has = 0;
+            fast = if map {
+                self.fill_simple::<true, true>(text)
+            } else {
+                self.fill_simple::<false, true>(text)
+            };
+        }
+        if fast != Fast::Done {
             self.fill_general(text, map);
         }
     }
@@ -467,14 +486,18 @@ impl Normalized {
     }
 
     /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
-    /// emoji (separators), inner apostrophes, trailing `!?*...`, and no two one-letter words
-    /// in a row. Gives exactly what the general path gives, in one tight loop; returns `false`
-    /// (leaving garbage behind) for any other message, which then takes the general path.
+    /// emoji (separators), inner apostrophes, trailing `!?*...`, no two one-letter words in a
+    /// row, and (with `UNSPACED`) tokens of Han, kana or Hangul. Gives exactly what the
+    /// general path gives, in one tight loop; for any other message it returns
+    /// [`Fast::General`] (leaving garbage behind), and without `UNSPACED`, [`Fast::Unspaced`]
+    /// at the first Han/kana/Hangul char: the caller runs the other variant, so the state
+    /// those scripts need stays out of the loop that most messages take.
     ///
     /// Every folded char here comes from at least one byte of its own, so the folded text is
     /// never longer than the input: the buffers are sized to the input once and written by
     /// index, then cut to what was written.
-    fn fill_simple<const MAP: bool>(&mut self, text: &str) -> bool {
+    #[inline(never)]
+    fn fill_simple<const MAP: bool, const UNSPACED: bool>(&mut self, text: &str) -> Fast {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
@@ -499,6 +522,16 @@ impl Normalized {
         // Letters read in the current word; in a word of letters while non-zero.
         let mut word_letters = 0u32;
         let mut prev_single = false;
+        // In a token of unspaced-script chars (Han, kana, Hangul; `is_plain_unspaced`).
+        let mut in_unspaced = false;
+        // The last char of the last token if that token was unspaced-script, else 0: the next
+        // such token joins it across a short gap (`好的 没问题` → `好的没问题`).
+        let mut unspaced_last = 0u32;
+        // Separator chars since that token, and whether one is a line break; marks right after
+        // it (`哈哈!!`) belong to the token in the general path, so they do not count.
+        let mut gap = 0u32;
+        let mut gap_newline = false;
+        let mut in_tail = false;
         // Marks before this byte belong to a cluster already found fine (`mark_cluster`);
         // checking each mark of a long `!!!!` run again would be quadratic.
         let mut marks_checked = 0;
@@ -507,8 +540,8 @@ impl Normalized {
             let b = bytes[i];
             let class = SIMPLE[usize::from(b)];
             if class == Simple::Letter {
-                if in_number {
-                    return false;
+                if in_number || in_unspaced {
+                    return Fast::General;
                 }
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
@@ -544,14 +577,14 @@ impl Normalized {
             if matches!(class, Simple::Apostrophe | Simple::Mark) && i >= marks_checked {
                 match mark_cluster(bytes, i + 1) {
                     Some(end) => marks_checked = end,
-                    None => return false,
+                    None => return Fast::General,
                 }
             }
             match class {
                 Simple::Letter | Simple::Separator => {}
                 Simple::Digit => {
-                    if word_letters > 0 {
-                        return false;
+                    if word_letters > 0 || in_unspaced {
+                        return Fast::General;
                     }
                     n.has |= HAS_DIGIT;
                     out[w] = b;
@@ -565,25 +598,29 @@ impl Normalized {
                     i += 1;
                     continue;
                 }
-                Simple::Apostrophe if word_letters > 0 || in_number => {
-                    // Between letters it vanishes (`don't`); next to digits it needs leetspeak.
+                Simple::Apostrophe if word_letters > 0 || in_number || in_unspaced => {
+                    // Between letters it vanishes (`don't`); next to digits it needs leetspeak,
+                    // and so do digits after an unspaced-script char (`감'3` → `감 e`).
                     if next_alnum() {
-                        if in_number || !bytes[i + 1].is_ascii_alphabetic() {
-                            return false;
+                        if in_number || in_unspaced || !bytes[i + 1].is_ascii_alphabetic() {
+                            return Fast::General;
                         }
                         i += 1;
                         continue;
                     }
                 }
-                Simple::Mark if next_alnum() => return false,
+                Simple::Mark if next_alnum() => return Fast::General,
                 Simple::Apostrophe | Simple::Mark => {}
-                Simple::Other if b < 0x80 => return false,
+                Simple::Other if b < 0x80 => return Fast::General,
                 Simple::Other => {
                     let Some(c) = text[i..].chars().next() else {
-                        return false;
+                        return Fast::General;
                     };
                     let end = i + c.len_utf8();
                     if matches!(c, '\u{200D}' | '\u{FE0F}') {
+                        if in_unspaced {
+                            return Fast::General;
+                        }
                         // Invisible: belongs to the token it is in.
                         if MAP && (word_letters > 0 || in_number) {
                             ends[w - 1] = end as u32;
@@ -591,18 +628,57 @@ impl Normalized {
                         i = end;
                         continue;
                     }
+                    if is_plain_unspaced(c) {
+                        if !UNSPACED {
+                            return Fast::Unspaced;
+                        }
+                        // Written as it is; a token of its own, never glued to letters or
+                        // digits (the general path would split or leet them).
+                        if word_letters > 0 || in_number {
+                            return Fast::General;
+                        }
+                        let joins = in_unspaced
+                            || (unspaced_last != 0 && gap <= MAX_JOIN_GAP && !gap_newline);
+                        if joins && !in_unspaced {
+                            // Drop the space written after the last token.
+                            w -= 1;
+                        }
+                        let k = end - i;
+                        if joins && u32::from(c) == unspaced_last {
+                            // A repeat (`哈哈哈`): every byte of the char counts it.
+                            for j in w - k..w {
+                                runs[j] = runs[j].saturating_add(1);
+                                if MAP {
+                                    ends[j] = end as u32;
+                                }
+                            }
+                        } else {
+                            out[w..w + k].copy_from_slice(&bytes[i..end]);
+                            runs[w..w + k].fill(1);
+                            if MAP {
+                                starts[w..w + k].fill(i as u32);
+                                ends[w..w + k].fill(end as u32);
+                            }
+                            w += k;
+                            unspaced_last = u32::from(c);
+                        }
+                        n.has |= HAS_NON_ASCII;
+                        in_unspaced = true;
+                        i = end;
+                        continue;
+                    }
                     if !is_simple_emoji(c) {
-                        return false;
+                        return Fast::General;
                     }
                     i = end - 1;
                 }
             }
             // A separator.
-            if word_letters > 0 || in_number {
+            if word_letters > 0 || in_number || in_unspaced {
                 let single = word_letters == 1;
                 if single && prev_single {
                     // Possibly a `f u c k` chain.
-                    return false;
+                    return Fast::General;
                 }
                 prev_single = single;
                 out[w] = b' ';
@@ -616,12 +692,25 @@ impl Normalized {
                 in_number = false;
                 last = 0;
                 word_letters = 0;
+                if in_unspaced {
+                    in_unspaced = false;
+                    (gap, gap_newline, in_tail) = (0, false, true);
+                } else {
+                    unspaced_last = 0;
+                }
+            }
+            if unspaced_last != 0
+                && !(in_tail && matches!(class, Simple::Apostrophe | Simple::Mark))
+            {
+                in_tail = false;
+                gap += 1;
+                gap_newline |= matches!(b, b'\n' | 0x0b | 0x0c | b'\r');
             }
             i += 1;
         }
         if word_letters > 0 || in_number {
             if word_letters == 1 && prev_single {
-                return false;
+                return Fast::General;
             }
         } else if w > 0 && out[w - 1] == b' ' {
             w -= 1;
@@ -632,7 +721,7 @@ impl Normalized {
             n.starts.truncate(w);
             n.ends.truncate(w);
         }
-        true
+        Fast::Done
     }
 
     /// The folded text.
@@ -1189,6 +1278,46 @@ mod tests {
         assert_eq!(clip("héllo", 2), "h");
         assert_eq!(clip("héllo", 3), "hé");
         assert_eq!(clip("abc", 10), "abc");
+    }
+
+    #[test]
+    fn unspaced_scripts_take_the_fast_path() {
+        // What the fast path gives is compared with the general path in tests/text.rs and
+        // tests/fuzz.rs; this checks that it is really taken, and left where it must be.
+        let mut x = Normalized::new();
+        for text in [
+            "你好 the patch notes are out haha",
+            "好的 没问题 ok",
+            "哈哈哈哈哈!",
+            "哈!! 哈",
+            "こんにちは HAHA",
+            "감사합니다 lol",
+            "988 今天天气很好 🙂",
+        ] {
+            assert_eq!(
+                x.fill_simple::<true, false>(text),
+                Fast::Unspaced,
+                "{text:?}"
+            );
+            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
+        }
+        for text in [
+            "你好fuck你",
+            "fuck你",
+            "哈5",
+            "5哈",
+            "哈!a",
+            "a!哈",
+            "哈\u{fe0f}",
+            "감'3",
+            "哈'a",
+        ] {
+            assert_eq!(x.fill_simple::<true, true>(text), Fast::General, "{text:?}");
+        }
+        let x = Normalized::of("好的 没问题 哈哈!");
+        assert_eq!(x.as_str(), "好的没问题哈");
+        assert_eq!(&x.runs()[15..], &[2, 2, 2]);
+        assert_eq!(x.original_range(15..18), Some(17..23));
     }
 
     #[track_caller]
