@@ -526,6 +526,25 @@ fn fast_path_agrees_with_general_path() {
         "゛゜ ゛",
         "哈，哈",
         "操你妈 tbh",
+        // Tokens mixing letters and digits (leetspeak) take the fast path too.
+        "meet at 3pm",
+        "b00bs",
+        "a4",
+        "a4 b",
+        "4 b c",
+        "5th's",
+        "th5's",
+        "5th'9",
+        "5th'sa5",
+        "ab'c5",
+        "226a",
+        "a22",
+        "ss5s",
+        "5\u{200d}th",
+        "h4x\u{200d} ok",
+        "10am meeting",
+        "2fa 哈",
+        "哈 2fa",
     ];
     let all = lines(SAFE)
         .chain(lines(NEGATIVE))

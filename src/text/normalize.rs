@@ -145,8 +145,9 @@ enum Fast {
     Done,
     /// The message needs the general path.
     General,
-    /// The message holds Han, kana or Hangul: run the `UNSPACED` variant.
-    Unspaced,
+    /// The message holds Han, kana or Hangul, or a token mixing letters and digits (`5th`):
+    /// run the `RICH` variant.
+    Rich,
 }
 
 /// Per ASCII byte: what it does and its folded char and leet/alternative char.
@@ -255,6 +256,65 @@ static ASCII: [AsciiClass; 128] = {
     }
     t
 };
+
+/// For the fast path's `RICH` variant, at the start `i` of a token: when the token (a run of
+/// ASCII letters and digits) mixes both, writes it as the general path does (digits as their
+/// leetspeak letters, `2` and `6` as they are; runs of a letter collapse) and returns where it
+/// ends; else `None`, nothing written. Leaves `last` at the last char written.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn mixed_token<const MAP: bool>(
+    bytes: &[u8],
+    i: usize,
+    out: &mut [u8],
+    runs: &mut [u8],
+    starts: &mut [u32],
+    ends: &mut [u32],
+    w: &mut usize,
+    last: &mut u8,
+    has: &mut u8,
+) -> Option<usize> {
+    let mut end = i;
+    let (mut letters, mut digits) = (false, false);
+    while let Some(&b) = bytes.get(end) {
+        letters |= b.is_ascii_alphabetic();
+        digits |= b.is_ascii_digit();
+        if !b.is_ascii_alphanumeric() {
+            break;
+        }
+        end += 1;
+    }
+    if !(letters && digits) {
+        return None;
+    }
+    for (j, &b) in bytes.iter().enumerate().take(end).skip(i) {
+        let class = ASCII[usize::from(b)];
+        let c = if class.kind == Kind::Digit {
+            class.alt
+        } else {
+            class.ch
+        };
+        if c == *last && !c.is_ascii_digit() {
+            runs[*w - 1] = runs[*w - 1].saturating_add(1);
+            if MAP {
+                ends[*w - 1] = j as u32 + 1;
+            }
+        } else {
+            out[*w] = c;
+            runs[*w] = 1;
+            if MAP {
+                starts[*w] = j as u32;
+                ends[*w] = j as u32 + 1;
+            }
+            *w += 1;
+            *last = c;
+            if c.is_ascii_digit() {
+                *has |= HAS_DIGIT;
+            }
+        }
+    }
+    Some(end)
+}
 
 /// Makes `v` at least `len` long (new elements zero); never shrinks it.
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
@@ -444,7 +504,7 @@ impl Normalized {
         } else {
             self.fill_simple::<false, false>(text)
         };
-        if fast == Fast::Unspaced {
+        if fast == Fast::Rich {
             self.has = 0;
             fast = if map {
                 self.fill_simple::<true, true>(text)
@@ -487,17 +547,18 @@ impl Normalized {
 
     /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
     /// emoji (separators), inner apostrophes, trailing `!?*...`, no two one-letter words in a
-    /// row, and (with `UNSPACED`) tokens of Han, kana or Hangul. Gives exactly what the
-    /// general path gives, in one tight loop; for any other message it returns
-    /// [`Fast::General`] (leaving garbage behind), and without `UNSPACED`, [`Fast::Unspaced`]
-    /// at the first Han/kana/Hangul char: the caller runs the other variant, so the state
-    /// those scripts need stays out of the loop that most messages take.
+    /// row, and (with `RICH`) tokens of Han, kana or Hangul and tokens mixing letters and
+    /// digits (`5th`, `mp3`: leetspeak). Gives exactly what the general path gives, in one
+    /// tight loop; for any other message it returns [`Fast::General`] (leaving garbage
+    /// behind), and without `RICH`, [`Fast::Rich`] at the first Han/kana/Hangul char or
+    /// mixed token: the caller runs the other variant, so the state and checks those need stay
+    /// out of the loop that most messages take.
     ///
     /// Every folded char here comes from at least one byte of its own, so the folded text is
     /// never longer than the input: the buffers are sized to the input once and written by
     /// index, then cut to what was written.
     #[inline(never)]
-    fn fill_simple<const MAP: bool, const UNSPACED: bool>(&mut self, text: &str) -> Fast {
+    fn fill_simple<const MAP: bool, const RICH: bool>(&mut self, text: &str) -> Fast {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
@@ -541,7 +602,18 @@ impl Normalized {
             let class = SIMPLE[usize::from(b)];
             if class == Simple::Letter {
                 if in_number || in_unspaced {
-                    return Fast::General;
+                    // `10am`: the RICH variant reads such tokens whole, from their start.
+                    return if RICH { Fast::General } else { Fast::Rich };
+                }
+                if RICH
+                    && word_letters == 0
+                    && let Some(next) = mixed_token::<MAP>(
+                        bytes, i, out, runs, starts, ends, &mut w, &mut last, &mut n.has,
+                    )
+                {
+                    i = next;
+                    word_letters = 2;
+                    continue;
                 }
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
@@ -584,7 +656,21 @@ impl Normalized {
                 Simple::Letter | Simple::Separator => {}
                 Simple::Digit => {
                     if word_letters > 0 || in_unspaced {
-                        return Fast::General;
+                        return if RICH || in_unspaced {
+                            Fast::General
+                        } else {
+                            Fast::Rich
+                        };
+                    }
+                    if RICH
+                        && !in_number
+                        && let Some(next) = mixed_token::<MAP>(
+                            bytes, i, out, runs, starts, ends, &mut w, &mut last, &mut n.has,
+                        )
+                    {
+                        i = next;
+                        word_letters = 2;
+                        continue;
                     }
                     n.has |= HAS_DIGIT;
                     out[w] = b;
@@ -629,8 +715,8 @@ impl Normalized {
                         continue;
                     }
                     if is_plain_unspaced(c) {
-                        if !UNSPACED {
-                            return Fast::Unspaced;
+                        if !RICH {
+                            return Fast::Rich;
                         }
                         // Written as it is; a token of its own, never glued to letters or
                         // digits (the general path would split or leet them).
@@ -1281,6 +1367,26 @@ mod tests {
     }
 
     #[test]
+    fn mixed_tokens_take_the_fast_path() {
+        let mut x = Normalized::new();
+        for text in [
+            "meet at 3pm",
+            "an mp3 file",
+            "b00bs",
+            "2fa on",
+            "h264 x 4x4",
+        ] {
+            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
+            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
+        }
+        let x = Normalized::of("b00bs at 2pm");
+        assert_eq!(x.as_str(), "bobs at 2pm");
+        assert_eq!(x.runs(), &[1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(x.original_range(1..2), Some(1..3));
+        assert_eq!(x.has(), HAS_DIGIT);
+    }
+
+    #[test]
     fn unspaced_scripts_take_the_fast_path() {
         // What the fast path gives is compared with the general path in tests/text.rs and
         // tests/fuzz.rs; this checks that it is really taken, and left where it must be.
@@ -1294,11 +1400,7 @@ mod tests {
             "감사합니다 lol",
             "988 今天天气很好 🙂",
         ] {
-            assert_eq!(
-                x.fill_simple::<true, false>(text),
-                Fast::Unspaced,
-                "{text:?}"
-            );
+            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
             assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
         }
         for text in [
