@@ -709,6 +709,18 @@ impl Searcher {
     }
 }
 
+/// One bit per byte of the little-endian word `v` (bit `i` for byte `i`): whether it is a
+/// space. Exact: the zero-byte test below has no false positives (no carries across bytes).
+#[inline]
+fn space_bits(v: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = v ^ 0x2020_2020_2020_2020;
+    // High bit of each byte set where the byte of `x` is zero.
+    let zero = !(((x & LOW7) + LOW7) | x | LOW7);
+    // Gather the eight high bits into the low byte.
+    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
+}
+
 /// Per first three or four bytes of a walk: whether it may find something.
 struct Prefixes {
     /// One bit per three bytes ([`prefix_index`]): clear when a walk from the start state
@@ -949,8 +961,15 @@ impl Inner {
                     spaces |= u64::from(b == b' ') << i;
                 }
             } else {
-                for (i, &b) in chunk.iter().enumerate() {
-                    spaces |= u64::from(b == b' ') << i;
+                // Eight bytes at a time (SWAR), then the last few one by one.
+                let mut words = chunk.chunks_exact(8);
+                for (k, word) in words.by_ref().enumerate() {
+                    let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                    spaces |= space_bits(v) << (8 * k);
+                }
+                let done = chunk.len() & !7;
+                for (i, &b) in words.remainder().iter().enumerate() {
+                    spaces |= u64::from(b == b' ') << (done + i);
                 }
             }
             let mut starts = spaces << 1 | carry;
@@ -1397,6 +1416,19 @@ mod tests {
             .filter(|w| !prefix.may_start(w.as_bytes()))
             .count();
         assert!(skipped >= 3, "{skipped}");
+    }
+
+    #[test]
+    fn space_bits_marks_exactly_the_spaces() {
+        let bytes: Vec<u8> = (0..=255u8).chain([b' '; 9]).chain(*b"a b  c d").collect();
+        for word in bytes.windows(8) {
+            let v = u64::from_le_bytes(word.try_into().unwrap());
+            let want = word
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (i, &b)| m | u64::from(b == b' ') << i);
+            assert_eq!(space_bits(v), want, "{word:?}");
+        }
     }
 
     #[test]
