@@ -4,7 +4,9 @@
 //! `tests/data/text/gen_corpus.py`).
 //!
 //! Run: `cargo bench --bench text -- --warm-up-time 1 --measurement-time 3`.
-//! Throughput is reported in bytes of original text per second, one core.
+//! Throughput is reported in bytes of original text per second, one core. `text_split` also
+//! times the clean and abusive lines apart, and the lines holding Han, kana or Hangul
+//! (`scan/unspaced_scripts`, the seed market's Chinese among them).
 
 use chatguard::text::lexicon::{Lexicon, Scratch};
 use chatguard::text::normalize::Normalized;
@@ -37,6 +39,11 @@ fn bytes(lines: &[&str]) -> u64 {
 fn bench_text(c: &mut Criterion) {
     let lexicon = Lexicon::embedded().expect("embedded wordlists build");
     let (all, clean, abusive) = corpus();
+    let unspaced: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|t| t.chars().any(chatguard::text::normalize::is_unspaced))
+        .collect();
 
     let mut group = c.benchmark_group("text");
     group.throughput(Throughput::Bytes(bytes(&all)));
@@ -66,7 +73,11 @@ fn bench_text(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("text_split");
-    for (name, lines) in [("scan/clean", &clean), ("scan/abusive", &abusive)] {
+    for (name, lines) in [
+        ("scan/clean", &clean),
+        ("scan/abusive", &abusive),
+        ("scan/unspaced_scripts", &unspaced),
+    ] {
         group.throughput(Throughput::Bytes(bytes(lines)));
         group.bench_function(name, |b| {
             let mut scratch = Scratch::default();
