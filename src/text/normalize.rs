@@ -196,7 +196,8 @@ enum Simple {
     Apostrophe,
     /// A mark that only counts between letters (`! | + * # % ? ^`).
     Mark,
-    /// `@ $`, control chars (general path) and non-ASCII bytes (emoji: fast; else general).
+    /// `@ $`, control chars (general path) and non-ASCII bytes (emoji and Han/kana/Hangul:
+    /// fast; else general).
     Other,
 }
 
