@@ -280,8 +280,8 @@ fn normalize_and_scan_keep_offsets_in_the_original_text() {
 }
 
 /// Chat-like text of the kind the normalizer's fast path takes (ASCII words, numbers, words
-/// mixing both, apostrophes, marks, punctuation, emoji, Han/kana/Hangul), with the odd char that sends it to
-/// the general path.
+/// mixing both, apostrophes, marks, punctuation, emoji, Han/kana/Hangul), with the odd char
+/// that sends it to the general path.
 fn chat_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
         4 => "[a-zA-Z]{1,7}",

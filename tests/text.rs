@@ -566,8 +566,9 @@ fn fast_path_agrees_with_general_path() {
     }
 }
 
-/// Every mix of up to four pieces from an alphabet around the unspaced-script part of the fast
-/// path (tokens gluing, gaps of 1–4 separators, marks after a token, repeats across a gap).
+/// Every mix of up to four pieces from an alphabet around the Han/kana/Hangul and letter-digit
+/// parts of the fast path (tokens gluing, gaps of 1–4 separators, marks after a token, repeats
+/// across a gap, `a5`, `5bc`).
 #[test]
 fn fast_path_agrees_on_every_short_mix() {
     const PIECES: &[&str] = &[
