@@ -601,20 +601,25 @@ impl Normalized {
         while i < len {
             let b = bytes[i];
             let class = SIMPLE[usize::from(b)];
+            if RICH
+                && matches!(class, Simple::Letter | Simple::Digit)
+                && word_letters == 0
+                && !in_number
+                && !in_unspaced
+                && let Some(next) = mixed_token::<MAP>(
+                    bytes, i, out, runs, starts, ends, &mut w, &mut last, &mut n.has,
+                )
+            {
+                // A token mixing letters and digits, written whole: from here on it is a word
+                // (never a one-letter one, so it takes no part in chains).
+                i = next;
+                word_letters = 2;
+                continue;
+            }
             if class == Simple::Letter {
                 if in_number || in_unspaced {
                     // `10am`: the RICH variant reads such tokens whole, from their start.
                     return if RICH { Fast::General } else { Fast::Rich };
-                }
-                if RICH
-                    && word_letters == 0
-                    && let Some(next) = mixed_token::<MAP>(
-                        bytes, i, out, runs, starts, ends, &mut w, &mut last, &mut n.has,
-                    )
-                {
-                    i = next;
-                    word_letters = 2;
-                    continue;
                 }
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
@@ -662,16 +667,6 @@ impl Normalized {
                         } else {
                             Fast::Rich
                         };
-                    }
-                    if RICH
-                        && !in_number
-                        && let Some(next) = mixed_token::<MAP>(
-                            bytes, i, out, runs, starts, ends, &mut w, &mut last, &mut n.has,
-                        )
-                    {
-                        i = next;
-                        word_letters = 2;
-                        continue;
                     }
                     n.has |= HAS_DIGIT;
                     out[w] = b;
