@@ -385,7 +385,8 @@ impl Lexicon {
 
     fn scan_chunk(&self, text: &str, offset: usize, scratch: &mut Scratch, out: &mut Vec<Match>) {
         let inner = &*self.inner;
-        scratch.norm.set(text);
+        // Most texts match nothing: fold without the offset map, and map only when needed.
+        scratch.norm.set_lazy(text);
         scratch.raw.clear();
         scratch.allow.clear();
         let norm = &scratch.norm;
@@ -413,11 +414,19 @@ impl Lexicon {
                 inner.search(searcher, bytes, runs, chains, raw, allow);
             }
         }
-        if scratch.raw.is_empty() {
+        // A blocking occurrence inside an allowlisted one does not count.
+        let allowed = |s: usize, e: usize| scratch.allow.iter().any(|&(a, b)| a <= s && e <= b);
+        if scratch.raw.iter().all(|&(s, e, _)| allowed(s, e)) {
             return;
         }
+        if !scratch.norm.is_mapped() {
+            // The same folded text again, this time with the offset map.
+            scratch.norm.set(text);
+        }
+        let norm = &scratch.norm;
+        let bytes = norm.as_bytes();
         for &(s, e, idx) in &scratch.raw {
-            if scratch.allow.iter().any(|&(a, b)| a <= s && e <= b) {
+            if allowed(s, e) {
                 continue;
             }
             let entry = &inner.entries[idx as usize];

@@ -478,14 +478,26 @@ impl Normalized {
     /// Normalizes `text` into `self`, reusing its buffers. Text longer than
     /// [`MAX_TEXT_BYTES`] is cut at a char boundary.
     pub fn set(&mut self, text: &str) {
-        self.fill(text, true);
+        self.fill(text, true, true);
     }
 
     /// Like [`set`](Self::set) but without the offset map ([`original_range`](
     /// Self::original_range) gives `None`): a little cheaper when only the folded text is
     /// needed (duplicate keys).
     pub fn set_unmapped(&mut self, text: &str) {
-        self.fill(text, false);
+        self.fill(text, false, false);
+    }
+
+    /// Like [`set`](Self::set), but the offset map is filled only where that is cheap to do
+    /// at once: texts that take the general path. [`is_mapped`](Self::is_mapped) tells; when
+    /// it is `false` and a match needs mapping, [`set`](Self::set) the same text again.
+    pub fn set_lazy(&mut self, text: &str) {
+        self.fill(text, false, true);
+    }
+
+    /// Whether [`original_range`](Self::original_range) works on this value.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
 
     /// Like [`set`](Self::set) but always through the general per-char path, never the
@@ -495,7 +507,9 @@ impl Normalized {
         self.fill_general(clip(text, MAX_TEXT_BYTES), true);
     }
 
-    fn fill(&mut self, text: &str, map: bool) {
+    /// Folds `text`; `map`: with the offset map on the fast path, `map_general`: on the
+    /// general path.
+    fn fill(&mut self, text: &str, map: bool, map_general: bool) {
         let text = clip(text, MAX_TEXT_BYTES);
         self.mapped = map;
         self.has = 0;
@@ -514,7 +528,7 @@ impl Normalized {
             };
         }
         if fast != Fast::Done {
-            self.fill_general(text, map);
+            self.fill_general(text, map_general);
         }
     }
 
@@ -1416,6 +1430,32 @@ mod tests {
         assert_eq!(x.as_str(), "好的没问题哈");
         assert_eq!(&x.runs()[15..], &[2, 2, 2]);
         assert_eq!(x.original_range(15..18), Some(17..23));
+    }
+
+    #[test]
+    fn lazy_maps_only_the_general_path() {
+        let mut lazy = Normalized::new();
+        for (text, general) in [
+            ("gg that was close", false),
+            ("你好 3pm ok", false),
+            ("f u c k off", true),
+            ("ｆｕｃｋ", true),
+        ] {
+            lazy.set_lazy(text);
+            let full = Normalized::of(text);
+            assert_eq!(lazy.as_str(), full.as_str(), "{text:?}");
+            assert_eq!(lazy.runs(), full.runs(), "{text:?}");
+            assert_eq!(lazy.chains(), full.chains(), "{text:?}");
+            assert_eq!(lazy.has(), full.has(), "{text:?}");
+            assert_eq!(lazy.is_mapped(), general, "{text:?}");
+            let all = 0..full.len();
+            let expect = if general {
+                full.original_range(all.clone())
+            } else {
+                None
+            };
+            assert_eq!(lazy.original_range(all), expect, "{text:?}");
+        }
     }
 
     #[track_caller]
