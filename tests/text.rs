@@ -427,17 +427,17 @@ fn large_input() {
     assert!(lex.scan(&marks).is_empty());
 }
 
-/// The fast path (mapped and unmapped) folds exactly like the general per-char path, offset
-/// map included.
-/// Asserts that the fast path (mapped and unmapped) folds `text` exactly like the general path:
-/// folded text, runs, chains, `has` bits and the offset of every folded byte.
+/// Asserts that the fast path (mapped, unmapped and lazy) folds `text` exactly like the general
+/// path: folded text, runs, chains, `has` bits and the offset of every folded byte.
 pub(crate) fn check_fast_path(text: &str) {
     let mut general = Normalized::new();
     general.set_general(text);
     let mapped = Normalized::of(text);
     let mut unmapped = Normalized::new();
     unmapped.set_unmapped(text);
-    for fast in [&mapped, &unmapped] {
+    let mut lazy = Normalized::new();
+    lazy.set_lazy(text);
+    for fast in [&mapped, &unmapped, &lazy] {
         assert_eq!(fast.as_str(), general.as_str(), "{text:?}");
         assert_eq!(fast.runs(), general.runs(), "{text:?}");
         assert_eq!(fast.chains(), general.chains(), "{text:?}");
@@ -586,6 +586,38 @@ fn fast_path_agrees_on_every_short_mix() {
             }
             check_fast_path(&text);
             // Next combination, like an odometer.
+            let mut d = 0;
+            while d < len {
+                idx[d] += 1;
+                if idx[d] < PIECES.len() {
+                    break;
+                }
+                idx[d] = 0;
+                d += 1;
+            }
+            if d == len {
+                break;
+            }
+        }
+    }
+}
+
+/// Same, for runs of letters, which the unmapped fast path reads eight bytes at a time: every
+/// mix of up to 8 of `a A b 5` and space, then spaces (so every position of the mix has eight
+/// bytes after it): repeats at every place in and across the eight, case, a digit after
+/// letters, one-letter words.
+#[test]
+fn fast_path_agrees_on_every_short_letter_run() {
+    const PIECES: &[u8] = b"aAb5 ";
+    let mut text = String::new();
+    let mut idx = [0usize; 8];
+    for len in 1..=idx.len() {
+        idx = [0; 8];
+        loop {
+            text.clear();
+            text.extend(idx[..len].iter().map(|&k| char::from(PIECES[k])));
+            text.push_str("        ");
+            check_fast_path(&text);
             let mut d = 0;
             while d < len {
                 idx[d] += 1;

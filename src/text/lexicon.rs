@@ -15,7 +15,7 @@
 //! dropped. The file format is documented in `wordlists/README.md`.
 
 use super::normalize::{
-    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced,
+    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced, zero_bytes,
 };
 use super::{Match, Severity};
 use aho_corasick::automaton::{Automaton, StateID};
@@ -722,10 +722,8 @@ impl Searcher {
 /// space. Exact: the zero-byte test below has no false positives (no carries across bytes).
 #[inline]
 fn space_bits(v: u64) -> u64 {
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    let x = v ^ 0x2020_2020_2020_2020;
-    // High bit of each byte set where the byte of `x` is zero.
-    let zero = !(((x & LOW7) + LOW7) | x | LOW7);
+    // High bit of each byte set where the byte is a space.
+    let zero = zero_bytes(v ^ 0x2020_2020_2020_2020);
     // Gather the eight high bits into the low byte.
     (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }

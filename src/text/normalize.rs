@@ -218,6 +218,26 @@ static SIMPLE: [Simple; 256] = {
     t
 };
 
+const LOW_BITS: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Per byte of the little-endian word `v`: the high bit set where the byte is zero, all else
+/// clear. Exact (no carries across bytes).
+#[inline]
+pub(crate) fn zero_bytes(v: u64) -> u64 {
+    !(((v & LOW_BITS) + LOW_BITS) | v | LOW_BITS)
+}
+
+/// Per byte of the little-endian word `v`: the high bit set where the byte is an ASCII letter
+/// ([`Simple::Letter`]), all else clear. Exact: no sum below carries out of its byte.
+#[inline]
+fn letter_bytes(v: u64) -> u64 {
+    let folded = (v | 0x2020_2020_2020_2020) & LOW_BITS;
+    let from_a = folded + 0x1f1f_1f1f_1f1f_1f1f; // high bit: folded >= b'a'
+    let past_z = folded + 0x0505_0505_0505_0505; // high bit: folded > b'z'
+    from_a & !past_z & !v & HIGH_BITS
+}
+
 /// For the fast path, at a mark or apostrophe whose cluster of punctuation starts at `from`
 /// (the byte after it): `None` when the cluster runs into more text (`a|'aa`, `a''b`) or into
 /// a non-ASCII char (`a'\u{200D}b`), a case the fast path leaves to the general one; else
@@ -637,28 +657,50 @@ impl Normalized {
                 }
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
-                let mut b = b;
                 loop {
-                    let c = b | 0x20;
-                    if c == last {
-                        // A repeat: the run grows, the char now ends here.
-                        runs[w - 1] = runs[w - 1].saturating_add(1);
-                        if MAP {
-                            ends[w - 1] = i as u32 + 1;
+                    if !MAP && i + 8 <= len {
+                        // Eight bytes at a time: the letters among them up to the first
+                        // repeat are written at once (the rest of the eight bytes written is
+                        // garbage that later writes or the final cut remove: `w <= i`).
+                        let v =
+                            u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
+                        let lower = v | 0x2020_2020_2020_2020;
+                        let letters = (!letter_bytes(v) & HIGH_BITS).trailing_zeros() / 8;
+                        debug_assert!(letters > 0, "the loop is entered at a letter");
+                        let repeats = zero_bytes(lower ^ (lower << 8 | u64::from(last)));
+                        let fresh = letters.min(repeats.trailing_zeros() / 8) as usize;
+                        out[w..w + 8].copy_from_slice(&lower.to_le_bytes());
+                        runs[w..w + 8].copy_from_slice(&[1; 8]);
+                        w += fresh;
+                        i += fresh;
+                        if fresh < letters as usize {
+                            // A repeat: the run grows.
+                            runs[w - 1] = runs[w - 1].saturating_add(1);
+                            i += 1;
                         }
+                        last = bytes[i - 1] | 0x20;
                     } else {
-                        out[w] = c;
-                        runs[w] = 1;
-                        if MAP {
-                            starts[w] = i as u32;
-                            ends[w] = i as u32 + 1;
+                        let c = bytes[i] | 0x20;
+                        if c == last {
+                            // A repeat: the run grows, the char now ends here.
+                            runs[w - 1] = runs[w - 1].saturating_add(1);
+                            if MAP {
+                                ends[w - 1] = i as u32 + 1;
+                            }
+                        } else {
+                            out[w] = c;
+                            runs[w] = 1;
+                            if MAP {
+                                starts[w] = i as u32;
+                                ends[w] = i as u32 + 1;
+                            }
+                            w += 1;
+                            last = c;
                         }
-                        w += 1;
-                        last = c;
+                        i += 1;
                     }
-                    i += 1;
                     match bytes.get(i) {
-                        Some(&next) if SIMPLE[usize::from(next)] == Simple::Letter => b = next,
+                        Some(&next) if SIMPLE[usize::from(next)] == Simple::Letter => {}
                         _ => break,
                     }
                 }
@@ -1430,6 +1472,29 @@ mod tests {
         assert_eq!(x.as_str(), "好的没问题哈");
         assert_eq!(&x.runs()[15..], &[2, 2, 2]);
         assert_eq!(x.original_range(15..18), Some(17..23));
+    }
+
+    #[test]
+    fn letter_and_zero_bytes_are_exact() {
+        // Every byte value at every position, among neighbours of every kind.
+        for fill in [0u8, b'a', b'Z', b' ', 0x7f, 0x80, 0xff] {
+            for k in 0..8 {
+                for b in 0..=255u8 {
+                    let mut word = [fill; 8];
+                    word[k] = b;
+                    let v = u64::from_le_bytes(word);
+                    let (letters, zeros) = (letter_bytes(v), zero_bytes(v));
+                    for (j, &x) in word.iter().enumerate() {
+                        let bit = |m: u64| m >> (8 * j + 7) & 1 == 1;
+                        let letter = SIMPLE[usize::from(x)] == Simple::Letter;
+                        assert_eq!(bit(letters), letter, "{word:?} @{j}");
+                        assert_eq!(bit(zeros), x == 0, "{word:?} @{j}");
+                    }
+                    assert_eq!(letters & !HIGH_BITS, 0);
+                    assert_eq!(zeros & !HIGH_BITS, 0);
+                }
+            }
+        }
     }
 
     #[test]
