@@ -603,19 +603,21 @@ fn fast_path_agrees_on_every_short_mix() {
 }
 
 /// Same, for runs of letters, which the unmapped fast path reads eight bytes at a time: every
-/// mix of up to 8 of `a A b 5` and space, then spaces (so every position of the mix has eight
-/// bytes after it): repeats at every place in and across the eight, case, a digit after
-/// letters, one-letter words.
+/// mix of up to 6 of `a A b 5 ' bAbAb` and space, then spaces (so every position of the mix has
+/// eight bytes after it): repeats at every place in and across the eight, case, words longer
+/// than eight, a digit after letters, an apostrophe inside a word, one-letter words.
 #[test]
 fn fast_path_agrees_on_every_short_letter_run() {
-    const PIECES: &[u8] = b"aAb5 ";
+    const PIECES: &[&str] = &["a", "A", "b", "5", " ", "'", "bAbAb"];
     let mut text = String::new();
-    let mut idx = [0usize; 8];
+    let mut idx = [0usize; 6];
     for len in 1..=idx.len() {
-        idx = [0; 8];
+        idx = [0; 6];
         loop {
             text.clear();
-            text.extend(idx[..len].iter().map(|&k| char::from(PIECES[k])));
+            for &k in &idx[..len] {
+                text.push_str(PIECES[k]);
+            }
             text.push_str("        ");
             check_fast_path(&text);
             let mut d = 0;

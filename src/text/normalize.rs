@@ -674,9 +674,13 @@ impl Normalized {
                         w += fresh;
                         i += fresh;
                         if fresh < letters as usize {
-                            // A repeat: the run grows.
+                            // A repeat: the run grows (`fresh` may be 0: `a'aa`).
                             runs[w - 1] = runs[w - 1].saturating_add(1);
                             i += 1;
+                        } else if letters < 8 {
+                            // The word ends inside the eight bytes (most words).
+                            last = bytes[i - 1] | 0x20;
+                            break;
                         }
                         last = bytes[i - 1] | 0x20;
                     } else {
