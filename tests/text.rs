@@ -566,30 +566,25 @@ fn fast_path_agrees_with_general_path() {
     }
 }
 
-/// Every mix of up to four pieces from an alphabet around the Han/kana/Hangul and letter-digit
-/// parts of the fast path (tokens gluing, gaps of 1–4 separators, marks after a token, repeats
-/// across a gap, `a5`, `5bc`).
-#[test]
-fn fast_path_agrees_on_every_short_mix() {
-    const PIECES: &[&str] = &[
-        "哈", "好", "a", "bc", "5", " ", "   ", "!", "'", "*", ".", "\n", "🙂", "\u{fe0f}",
-        "\u{200d}",
-    ];
+/// Calls `check` on every string of 1 to `max` pieces of `pieces` (repeats allowed), each
+/// followed by `tail`.
+fn for_every_mix(pieces: &[&str], max: usize, tail: &str, mut check: impl FnMut(&str)) {
     let mut text = String::new();
-    let mut idx = [0usize; 4];
-    for len in 1..=idx.len() {
-        idx = [0; 4];
+    let mut idx = vec![0usize; max];
+    for len in 1..=max {
+        idx.fill(0);
         loop {
             text.clear();
             for &k in &idx[..len] {
-                text.push_str(PIECES[k]);
+                text.push_str(pieces[k]);
             }
-            check_fast_path(&text);
+            text.push_str(tail);
+            check(&text);
             // Next combination, like an odometer.
             let mut d = 0;
             while d < len {
                 idx[d] += 1;
-                if idx[d] < PIECES.len() {
+                if idx[d] < pieces.len() {
                     break;
                 }
                 idx[d] = 0;
@@ -602,6 +597,18 @@ fn fast_path_agrees_on_every_short_mix() {
     }
 }
 
+/// Every mix of up to four pieces from an alphabet around the Han/kana/Hangul and letter-digit
+/// parts of the fast path (tokens gluing, gaps of 1–4 separators, marks after a token, repeats
+/// across a gap, `a5`, `5bc`).
+#[test]
+fn fast_path_agrees_on_every_short_mix() {
+    const PIECES: &[&str] = &[
+        "哈", "好", "a", "bc", "5", " ", "   ", "!", "'", "*", ".", "\n", "🙂", "\u{fe0f}",
+        "\u{200d}",
+    ];
+    for_every_mix(PIECES, 4, "", check_fast_path);
+}
+
 /// Same, for runs of letters, which the unmapped fast path reads eight bytes at a time: every
 /// mix of up to 6 of `a A b 5 ' bAbAb` and space, then spaces (so every position of the mix has
 /// eight bytes after it): repeats at every place in and across the eight, case, words longer
@@ -609,31 +616,7 @@ fn fast_path_agrees_on_every_short_mix() {
 #[test]
 fn fast_path_agrees_on_every_short_letter_run() {
     const PIECES: &[&str] = &["a", "A", "b", "5", " ", "'", "bAbAb"];
-    let mut text = String::new();
-    let mut idx = [0usize; 6];
-    for len in 1..=idx.len() {
-        idx = [0; 6];
-        loop {
-            text.clear();
-            for &k in &idx[..len] {
-                text.push_str(PIECES[k]);
-            }
-            text.push_str("        ");
-            check_fast_path(&text);
-            let mut d = 0;
-            while d < len {
-                idx[d] += 1;
-                if idx[d] < PIECES.len() {
-                    break;
-                }
-                idx[d] = 0;
-                d += 1;
-            }
-            if d == len {
-                break;
-            }
-        }
-    }
+    for_every_mix(PIECES, 6, "        ", check_fast_path);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1422,19 +1422,26 @@ mod tests {
         assert_eq!(clip("abc", 10), "abc");
     }
 
+    /// Asserts that the fast path's plain variant hands each of `texts` over to the `RICH`
+    /// one, and that one folds it.
+    #[track_caller]
+    fn assert_rich_variant_folds(texts: &[&str]) {
+        let mut x = Normalized::new();
+        for &text in texts {
+            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
+            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
+        }
+    }
+
     #[test]
     fn mixed_tokens_take_the_fast_path() {
-        let mut x = Normalized::new();
-        for text in [
+        assert_rich_variant_folds(&[
             "meet at 3pm",
             "an mp3 file",
             "b00bs",
             "2fa on",
             "h264 x 4x4",
-        ] {
-            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
-            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
-        }
+        ]);
         let x = Normalized::of("b00bs at 2pm");
         assert_eq!(x.as_str(), "bobs at 2pm");
         assert_eq!(x.runs(), &[1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
@@ -1446,8 +1453,7 @@ mod tests {
     fn unspaced_scripts_take_the_fast_path() {
         // What the fast path gives is compared with the general path in tests/text.rs and
         // tests/fuzz.rs; this checks that it is really taken, and left where it must be.
-        let mut x = Normalized::new();
-        for text in [
+        assert_rich_variant_folds(&[
             "你好 the patch notes are out haha",
             "好的 没问题 ok",
             "哈哈哈哈哈!",
@@ -1455,10 +1461,8 @@ mod tests {
             "こんにちは HAHA",
             "감사합니다 lol",
             "988 今天天气很好 🙂",
-        ] {
-            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
-            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
-        }
+        ]);
+        let mut x = Normalized::new();
         for text in [
             "你好fuck你",
             "fuck你",
