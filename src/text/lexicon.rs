@@ -728,27 +728,72 @@ fn space_bits(v: u64) -> u64 {
     (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
-/// Per first three or four bytes of a walk: whether it may find something.
+/// Per first bytes of a walk: whether it may find something.
 struct Prefixes {
-    /// One bit per three bytes ([`prefix_index`]): clear when a walk from the start state
-    /// over them dies without passing a match.
-    three: Box<[u64]>,
-    /// One bit per hash of four bytes ([`prefix4_index`]): clear when for every four bytes
-    /// with that hash a walk over them dies without passing a match.
+    /// Two bits per hash of four bytes ([`prefix4_index`]): [`ALIVE`] unless for every four
+    /// bytes with that hash a walk over them dies without passing a match; [`LONG_ONLY`]
+    /// too when, besides, every pattern such a walk may find is at least [`LONG`] bytes long,
+    /// so that [`Prefixes::long`] decides.
     four: Box<[u64]>,
+    /// One bit per hash of eight bytes ([`prefix8_index`]): set for the first eight bytes of
+    /// each pattern at least [`LONG`] bytes long. Phrases such as `the world would …` keep the
+    /// four-byte test passing for every `the w…`; this one stops most of those walks.
+    long: Box<[u64]>,
+    /// One bit per one to three bytes at the end of a text ([`end_index`]): set when a walk
+    /// over just them passes a match. A short last word (`lol`, `ok`) is walked only when it
+    /// is a pattern itself.
+    end: Box<[u64]>,
 }
 
+/// [`Prefixes::four`]: a walk over such four bytes may find something.
+const ALIVE: u8 = 1;
+/// [`Prefixes::four`]: every pattern a walk over such four bytes may find is long.
+const LONG_ONLY: u8 = 2;
+
+/// Patterns shorter than this are found by walking; the others are first looked up by their
+/// first `LONG` bytes in [`Prefixes::long`].
+const LONG: usize = 8;
+
 impl Prefixes {
-    /// Whether a walk from the start state at the start of `bytes` may find something.
+    /// What a walk from the start of `bytes` may come to, by its first four bytes only
+    /// ([`ALIVE`], [`LONG_ONLY`]; cheap enough to run on every word start). Fewer bytes:
+    /// `ALIVE`, for [`Prefixes::may_find`] to decide.
     #[inline]
-    fn may_start(&self, bytes: &[u8]) -> bool {
-        let bit = |table: &[u64], k: usize| table[k / 64] >> (k % 64) & 1 != 0;
+    fn may_start(&self, bytes: &[u8]) -> u8 {
         match *bytes {
-            [x, y, z, w, ..] => bit(&self.four, prefix4_index([x, y, z, w])),
-            [x, y, z] => bit(&self.three, prefix_index([x, y, z])),
-            _ => true,
+            [x, y, z, w, ..] => {
+                let k = prefix4_index([x, y, z, w]);
+                (self.four[k / 32] >> (k % 32 * 2)) as u8 & (ALIVE | LONG_ONLY)
+            }
+            _ => ALIVE,
         }
     }
+
+    /// For a start that [`Prefixes::may_start`] lets through, with `long_only` as it said:
+    /// whether a walk may find something, by the first eight bytes or, at the end of the
+    /// text, the last few.
+    #[inline]
+    fn may_find(&self, bytes: &[u8], long_only: bool) -> bool {
+        if long_only {
+            // Fewer than `LONG` bytes left: no long pattern fits.
+            return bytes
+                .first_chunk::<LONG>()
+                .is_some_and(|first| bit(&self.long, prefix8_index(first)));
+        }
+        bytes.len() >= 4 || bit(&self.end, end_index(bytes))
+    }
+
+    /// Both tests at once: whether a walk from the start of `bytes` may find something.
+    fn may_walk(&self, bytes: &[u8]) -> bool {
+        let start = self.may_start(bytes);
+        start != 0 && self.may_find(bytes, start & LONG_ONLY != 0)
+    }
+}
+
+/// Bit `k` of the bit set `table`.
+#[inline]
+fn bit(table: &[u64], k: usize) -> bool {
+    table[k / 64] >> (k % 64) & 1 != 0
 }
 
 /// Byte classes of [`Prefixes`].
@@ -767,25 +812,43 @@ static PREFIX_CLASS: [u8; 256] = {
     t
 };
 
-/// Index into [`Prefixes::three`] of the three bytes `b`.
+/// The class of each of the bytes `b`.
 #[inline]
-fn prefix_index(b: [u8; 3]) -> usize {
-    let [x, y, z] = b.map(|b| usize::from(PREFIX_CLASS[usize::from(b)]));
-    (x * PREFIX_CLASSES + y) * PREFIX_CLASSES + z
+fn classes<const N: usize>(b: [u8; N]) -> [usize; N] {
+    b.map(|b| usize::from(PREFIX_CLASS[usize::from(b)]))
 }
 
-/// Index into [`Prefixes::four`] of the four bytes `b`: a 16-bit hash of their classes.
+/// Index into [`Prefixes::four`] and [`Prefixes::short`] of the four bytes `b`: a 16-bit
+/// hash of their classes.
 #[inline]
 fn prefix4_index(b: [u8; 4]) -> usize {
-    let w = usize::from(PREFIX_CLASS[usize::from(b[3])]);
-    let key = (prefix_index([b[0], b[1], b[2]]) * PREFIX_CLASSES + w) as u32;
+    let [x, y, z, w] = classes(b);
+    let key = (((x * PREFIX_CLASSES + y) * PREFIX_CLASSES + z) * PREFIX_CLASSES + w) as u32;
     (key.wrapping_mul(0x9E37_79B1) >> 16) as usize
+}
+
+/// Index into [`Prefixes::long`] of the eight bytes `b`: a 16-bit hash of them.
+#[inline]
+fn prefix8_index(b: &[u8; LONG]) -> usize {
+    (u64::from_le_bytes(*b).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize
+}
+
+/// Index into [`Prefixes::end`] of the last one to three bytes of a text, `b`.
+#[inline]
+fn end_index(b: &[u8]) -> usize {
+    // Class `PREFIX_CLASSES` stands for "no byte".
+    let class = |i: usize| b.get(i).map_or(PREFIX_CLASSES, |&b| classes([b])[0]);
+    let n = PREFIX_CLASSES + 1;
+    (class(0) * n + class(1)) * n + class(2)
 }
 
 /// The [`Prefixes`] of the anchored `dfa` over `patterns`, or `None` when some pattern holds
 /// a byte other than `a..=z` and space.
-fn prefix_table<'a>(dfa: &DFA, mut patterns: impl Iterator<Item = &'a String>) -> Option<Prefixes> {
-    if !patterns.all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b == b' ')) {
+fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
+    if !patterns
+        .iter()
+        .all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b == b' '))
+    {
         return None;
     }
     let start = dfa.start_state(Anchored::Yes).ok()?;
@@ -815,30 +878,69 @@ fn prefix_table<'a>(dfa: &DFA, mut patterns: impl Iterator<Item = &'a String>) -
         done => done,
     };
     let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
-    let n = PREFIX_CLASSES * PREFIX_CLASSES * PREFIX_CLASSES;
-    let mut three = vec![0u64; n.div_ceil(64)];
-    let mut four = vec![0u64; (1 << 16) / 64];
+    let bits = |n: usize| vec![0u64; n.div_ceil(64)];
+    // `four` as two bit sets: whether alive, whether some short pattern may start there.
+    let (mut alive, mut short, mut long) = (bits(1 << 16), bits(1 << 16), bits(1 << 16));
+    let n = PREFIX_CLASSES + 1;
+    let mut end = bits(n * n * n);
     for x in 0..PREFIX_CLASSES {
+        let walk = step(Walk::Alive(start), rep(x));
+        if walk == Walk::Matched {
+            set(&mut end, end_index(&[rep(x)]));
+        }
         for y in 0..PREFIX_CLASSES {
+            let walk = step(walk, rep(y));
+            if walk == Walk::Matched {
+                set(&mut end, end_index(&[rep(x), rep(y)]));
+            }
             for z in 0..PREFIX_CLASSES {
                 let bytes = [rep(x), rep(y), rep(z)];
-                let walk = bytes.iter().fold(Walk::Alive(start), |w, &b| step(w, b));
+                let walk = step(walk, rep(z));
                 if walk == Walk::Dead {
                     continue;
                 }
-                set(&mut three, prefix_index(bytes));
+                if walk == Walk::Matched {
+                    set(&mut end, end_index(&bytes));
+                }
                 for w in 0..PREFIX_CLASSES {
                     if step(walk, rep(w)) != Walk::Dead {
                         let [a, b, c] = bytes;
-                        set(&mut four, prefix4_index([a, b, c, rep(w)]));
+                        set(&mut alive, prefix4_index([a, b, c, rep(w)]));
                     }
                 }
             }
         }
     }
+    for p in patterns.iter().map(|p| p.as_bytes()) {
+        if let Some(first) = p.first_chunk::<LONG>() {
+            set(&mut long, prefix8_index(first));
+            continue;
+        }
+        // Every four bytes such a pattern may start: its own first four, or, when it is
+        // shorter, it followed by anything.
+        let known = p.len().min(4);
+        for k in 0..PREFIX_CLASSES.pow(4 - known as u32) {
+            let mut four = [0u8; 4];
+            four[..known].copy_from_slice(&p[..known]);
+            let mut k = k;
+            for b in &mut four[known..] {
+                *b = rep(k % PREFIX_CLASSES);
+                k /= PREFIX_CLASSES;
+            }
+            set(&mut short, prefix4_index(four));
+        }
+    }
+    let mut four = vec![0u64; (1 << 16) / 32];
+    for k in 0..1 << 16 {
+        if bit(&alive, k) {
+            let long_only = if bit(&short, k) { 0 } else { LONG_ONLY };
+            four[k / 32] |= u64::from(ALIVE | long_only) << (k % 32 * 2);
+        }
+    }
     Some(Prefixes {
-        three: three.into_boxed_slice(),
         four: four.into_boxed_slice(),
+        long: long.into_boxed_slice(),
+        end: end.into_boxed_slice(),
     })
 }
 
@@ -865,7 +967,10 @@ impl Searcher {
                     .collect()
             });
         let prefix = match kind {
-            StartKind::Anchored => prefix_table(&dfa, ids.iter().map(|&i| &patterns[i])),
+            StartKind::Anchored => {
+                let patterns: Vec<&str> = ids.iter().map(|&i| patterns[i].as_str()).collect();
+                prefix_table(&dfa, &patterns)
+            }
             _ => None,
         };
         Ok(Some(Searcher {
@@ -936,13 +1041,7 @@ impl Inner {
         let Ok(start) = dfa.start_state(Anchored::Yes) else {
             return;
         };
-        // Whether the walk from `s` (a position of `bytes`) may find something.
-        let may_start = |s: usize| {
-            searcher
-                .prefix
-                .as_ref()
-                .is_none_or(|p| p.may_start(&bytes[s..]))
-        };
+        let prefix = searcher.prefix.as_ref();
         if !chains.is_empty() {
             for s in 0..bytes.len() {
                 let word_start = s == 0 || bytes[s - 1] == b' ';
@@ -951,14 +1050,15 @@ impl Inner {
                         .iter()
                         .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
                 };
-                if (word_start || in_chain()) && may_start(s) {
+                if (word_start || in_chain()) && prefix.is_none_or(|p| p.may_walk(&bytes[s..])) {
                     self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
                 }
             }
             return;
         }
-        // No chain: the word starts only, found 64 bytes at a time, and the ones the prefix
-        // table lets through listed without branching on it.
+        // No chain: the word starts only, found 64 bytes at a time, and the ones the first
+        // prefix test lets through listed without branching on it; the second test, dearer
+        // and needed by few, runs on the listed ones.
         let mut carry = 1u64;
         for (chunk, base) in bytes.chunks(64).zip((0..).step_by(64)) {
             let mut spaces = 0u64;
@@ -984,17 +1084,22 @@ impl Inner {
             if chunk.len() < 64 {
                 starts &= (1u64 << chunk.len()) - 1;
             }
-            // Offsets in the chunk.
+            // Offsets in the chunk, with the top bit set where only long patterns may start
+            // (`LONG_ONLY << 6`).
             let mut list = [0u8; 64];
             let mut n = 0;
             while starts != 0 {
                 let i = starts.trailing_zeros() as u8;
                 starts &= starts - 1;
-                list[n] = i;
-                n += usize::from(may_start(base + usize::from(i)));
+                let start = prefix.map_or(ALIVE, |p| p.may_start(&bytes[base + usize::from(i)..]));
+                list[n] = i | (start & LONG_ONLY) << 6;
+                n += usize::from(start != 0);
             }
             for &i in &list[..n] {
-                let s = base + usize::from(i);
+                let s = base + usize::from(i & 63);
+                if prefix.is_some_and(|p| !p.may_find(&bytes[s..], i & 128 != 0)) {
+                    continue;
+                }
                 self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
             }
         }
@@ -1376,14 +1481,20 @@ mod tests {
         let prefix = words.prefix.as_ref().expect("word patterns are all [a-z ]");
         let dfa = &words.dfa;
         let start = dfa.start_state(Anchored::Yes).unwrap();
+        // Whether a walk over `text` finds a pattern that starts where it does (as
+        // `Inner::walk` checks: a match state also lists patterns that end there but start
+        // later).
         let finds = |text: &[u8]| {
             let mut sid = start;
-            for &b in text {
+            for (at, &b) in (1..).zip(text) {
                 sid = dfa.next_state(Anchored::Yes, sid, b);
                 if dfa.is_dead(sid) {
                     return false;
                 }
-                if dfa.is_match(sid) {
+                if dfa.is_match(sid)
+                    && (0..dfa.match_len(sid))
+                        .any(|k| dfa.pattern_len(dfa.match_pattern(sid, k)) == at)
+                {
                     return true;
                 }
             }
@@ -1391,11 +1502,13 @@ mod tests {
         };
         let mut texts: Vec<String> = Vec::new();
         for e in &inner.entries {
-            for t in [&e.term[..], "x", "ab", "a*"] {
+            for t in [&e.term[..], "", "x", "ab", "a*", "s", "s and more words"] {
                 texts.push(format!("{}{t}", e.term));
                 texts.push(format!("{} {t}", e.term));
             }
-            texts.extend((1..=4).map(|k| e.term.chars().take(k).collect()));
+            // Every prefix, so the end-of-text table and texts shorter than `LONG` are
+            // tried with every pattern, long phrases among them.
+            texts.extend((1..e.term.len()).map(|k| e.term.chars().take(k).collect()));
         }
         let alphabet = b"abcfiknstu *";
         for len in 1..=4 {
@@ -1413,16 +1526,33 @@ mod tests {
         for text in &texts {
             if finds(text.as_bytes()) {
                 found += 1;
-                assert!(prefix.may_start(text.as_bytes()), "{text:?}");
+                assert!(prefix.may_walk(text.as_bytes()), "{text:?}");
             }
         }
         assert!(found > 1000, "{found}");
-        // And it does skip most clean words.
-        let skipped = ["hello", "world", "thanks", "meeting", "tomorrow", "what"]
-            .iter()
-            .filter(|w| !prefix.may_start(w.as_bytes()))
-            .count();
-        assert!(skipped >= 3, "{skipped}");
+        // And it does skip most clean words: by their first four bytes, by their first eight
+        // (`the w…` starts long phrases), or as the last word of a text.
+        let clean = [
+            "hello",
+            "world",
+            "thanks",
+            "meeting",
+            "tomorrow",
+            "what",
+            "the weather is nice",
+            "the weekend",
+            "lol",
+            "ok",
+            "fr",
+        ];
+        let skipped: Vec<&str> = clean
+            .into_iter()
+            .filter(|w| !prefix.may_walk(w.as_bytes()))
+            .collect();
+        assert!(skipped.len() >= 8, "{skipped:?}");
+        for w in ["the weather is nice", "lol", "ok"] {
+            assert!(skipped.contains(&w), "{w:?} is walked: {skipped:?}");
+        }
     }
 
     #[test]
