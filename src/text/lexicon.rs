@@ -676,45 +676,77 @@ struct Searcher {
     /// Anchored searchers over `[a-z ]` patterns only: which walks from the start state
     /// may find something, by the first bytes, so [`Inner::search_words`] can skip the rest.
     prefix: Option<Prefixes>,
-    /// Searchers of a few patterns, each at least two bytes long: per pattern, the
-    /// [`pair_set`] of its bytes, so [`Searcher::may_occur`] can skip a text that lacks some
-    /// pair of every pattern.
-    pairs: Option<Box<[PairSet]>>,
+    /// Searchers of a few patterns, each at least two bytes long: a gate that skips a text
+    /// lacking some pair of adjacent bytes of every pattern.
+    pairs: Option<PairGate>,
 }
 
 /// Most patterns a searcher may have for [`Searcher::pairs`]: past that, some pattern's
 /// pairs are nearly always all there, and the check costs more than it saves.
 const MAX_PAIR_PATTERNS: usize = 16;
 
-/// A 64-bit Bloom filter of the pairs of adjacent bytes in a text.
-type PairSet = u64;
+/// Which pairs of adjacent bytes a text holds, of those the patterns hold: one bit per such
+/// pair (shared by several pairs when there are more than 16).
+type PairSet = u16;
 
-/// The [`PairSet`] of `bytes`.
-#[inline]
-fn pair_set(bytes: &[u8]) -> PairSet {
-    let Some((&first, rest)) = bytes.split_first() else {
-        return 0;
-    };
-    let mut set = 0u64;
-    let mut prev = u32::from(first);
-    for &b in rest {
-        let pair = prev << 8 | u32::from(b);
-        prev = u32::from(b);
-        set |= 1 << (pair.wrapping_mul(0x9E37_79B1) >> 26);
-    }
-    set
+/// [`Searcher::pairs`].
+struct PairGate {
+    /// Per pair of adjacent bytes (the first in the low byte): its bit, or 0 when no
+    /// pattern holds it. One table lookup a byte, no hashing (128 KiB, of which a text of
+    /// lowercase letters touches a few cache lines per second byte).
+    bits: Box<[PairSet; 1 << 16]>,
+    /// Per pattern, the bits of its pairs.
+    patterns: Box<[PairSet]>,
 }
 
-impl Searcher {
+impl PairGate {
+    fn new<'a>(patterns: impl Iterator<Item = &'a [u8]> + Clone) -> PairGate {
+        let mut bits: Box<[PairSet; 1 << 16]> = vec![0; 1 << 16]
+            .into_boxed_slice()
+            .try_into()
+            .expect("65536 pairs");
+        let mut next = 0;
+        for p in patterns.clone() {
+            for pair in p.windows(2) {
+                let k = pair_index(pair);
+                if bits[k] == 0 {
+                    bits[k] = 1 << (next % PairSet::BITS);
+                    next += 1;
+                }
+            }
+        }
+        let patterns = patterns.map(|p| pair_set(&bits, p)).collect();
+        PairGate { bits, patterns }
+    }
+
     /// Whether some pattern may occur in `bytes`: `false` only when every pattern holds a pair
     /// of adjacent bytes that `bytes` does not (exact: then no pattern occurs).
     #[inline]
     fn may_occur(&self, bytes: &[u8]) -> bool {
-        let Some(pairs) = &self.pairs else {
-            return true;
-        };
-        let text = pair_set(bytes);
-        pairs.iter().any(|&p| p & !text == 0)
+        let text = pair_set(&self.bits, bytes);
+        self.patterns.iter().any(|&p| p & !text == 0)
+    }
+}
+
+/// The [`PairSet`] of `bytes` by the table [`PairGate::bits`].
+#[inline]
+fn pair_set(bits: &[PairSet; 1 << 16], bytes: &[u8]) -> PairSet {
+    bytes
+        .windows(2)
+        .fold(0, |set, pair| set | bits[pair_index(pair)])
+}
+
+/// Index into [`PairGate::bits`] of the two bytes `pair`.
+#[inline]
+fn pair_index(pair: &[u8]) -> usize {
+    usize::from(pair[0]) | usize::from(pair[1]) << 8
+}
+
+impl Searcher {
+    /// Whether some pattern may occur in `bytes` ([`PairGate::may_occur`]).
+    #[inline]
+    fn may_occur(&self, bytes: &[u8]) -> bool {
+        self.pairs.as_ref().is_none_or(|gate| gate.may_occur(bytes))
     }
 }
 
@@ -961,11 +993,7 @@ impl Searcher {
             .prefilter(false)
             .build(ids.iter().map(|&i| &patterns[i]))?;
         let pairs = (ids.len() <= MAX_PAIR_PATTERNS && ids.iter().all(|&i| patterns[i].len() >= 2))
-            .then(|| {
-                ids.iter()
-                    .map(|&i| pair_set(patterns[i].as_bytes()))
-                    .collect()
-            });
+            .then(|| PairGate::new(ids.iter().map(|&i| patterns[i].as_bytes())));
         let prefix = match kind {
             StartKind::Anchored => {
                 let patterns: Vec<&str> = ids.iter().map(|&i| patterns[i].as_str()).collect();
