@@ -73,6 +73,10 @@ pub struct Normalized {
     runs: Vec<u8>,
     /// Byte ranges of `text` that are joined single-letter chains (`f.u.c.k`).
     chains: Vec<(u32, u32)>,
+    /// How many bytes of `text` and `runs` (and of `starts`/`ends` when mapped) hold the
+    /// folded text: the fast path leaves its buffers at their size and records the length
+    /// here, so that the next message needs neither a resize nor a branch on one.
+    len: usize,
     /// Whether `starts`/`ends` were filled (see [`Normalized::set_unmapped`]).
     mapped: bool,
     /// Which kinds of chars `text` holds (`HAS_*` bits), so the lexicon can skip automata.
@@ -578,6 +582,7 @@ impl Normalized {
             map,
         };
         b.run(text);
+        self.len = self.text.len();
     }
 
     /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
@@ -590,8 +595,8 @@ impl Normalized {
     /// out of the loop that most messages take.
     ///
     /// Every folded char here comes from at least one byte of its own, so the folded text is
-    /// never longer than the input: the buffers are sized to the input once and written by
-    /// index, then cut to what was written.
+    /// never longer than the input: the buffers are grown to the input's length if need be
+    /// and written by index; [`Normalized::len`] says how much was written.
     #[inline(never)]
     fn fill_simple<const MAP: bool, const RICH: bool>(&mut self, text: &str) -> Fast {
         let bytes = text.as_bytes();
@@ -857,40 +862,35 @@ impl Normalized {
         } else if w > 0 && out[w - 1] == b' ' {
             w -= 1;
         }
-        n.text.truncate(w);
-        n.runs.truncate(w);
-        if MAP {
-            n.starts.truncate(w);
-            n.ends.truncate(w);
-        }
+        n.len = w;
         Fast::Done
     }
 
     /// The folded text.
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.text)
+        std::str::from_utf8(self.as_bytes())
             .expect("the folded text is built from whole chars. This is a bug.")
     }
 
     /// The folded text as bytes (what the lexicon searches).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.text
+        &self.text[..self.len]
     }
 
     /// Length of the folded text in bytes.
     pub fn len(&self) -> usize {
-        self.text.len()
+        self.len
     }
 
     /// Whether the folded text is empty (the input had no letters or digits).
     pub fn is_empty(&self) -> bool {
-        self.text.is_empty()
+        self.len == 0
     }
 
     /// The byte range of the original text that the folded byte range `norm` came from
     /// (char boundaries of the original), or `None` if `norm` is empty or out of bounds.
     pub fn original_range(&self, norm: Range<usize>) -> Option<Range<usize>> {
-        if !self.mapped || norm.start >= norm.end || norm.end > self.text.len() {
+        if !self.mapped || norm.start >= norm.end || norm.end > self.len {
             return None;
         }
         Some(self.starts[norm.start] as usize..self.ends[norm.end - 1] as usize)
@@ -898,7 +898,7 @@ impl Normalized {
 
     /// Per folded byte: how many original letters its char stands for (runs collapse).
     pub fn runs(&self) -> &[u8] {
-        &self.runs
+        &self.runs[..self.len]
     }
 
     /// Which kinds of chars the folded text holds: [`HAS_DIGIT`] | [`HAS_STAR`] |
@@ -931,6 +931,7 @@ pub(crate) fn clip(text: &str, max: usize) -> &str {
 pub fn normalize(text: &str) -> String {
     let mut n = Normalized::new();
     n.set_unmapped(text);
+    n.text.truncate(n.len);
     String::from_utf8(n.text).expect("the folded text is built from whole chars. This is a bug.")
 }
 
@@ -1529,6 +1530,39 @@ mod tests {
             };
             assert_eq!(lazy.original_range(all), expect, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_reused_value_shows_only_the_last_text() {
+        // The fast path keeps its buffers at their largest size: what a longer text left
+        // behind must never show through a shorter one, on either path.
+        let texts = [
+            "a rather long message about the weather and the weekend plans",
+            "ok",
+            "f u c k off",
+            "hi",
+            "",
+            "你好 3pm ok, see you at the meeting tomorrow",
+            "ｆｕｃｋ",
+            "yes!",
+        ];
+        let mut reused = Normalized::new();
+        for text in texts.iter().chain(texts.iter().rev()) {
+            reused.set(text);
+            let fresh = Normalized::of(text);
+            assert_eq!(reused.as_str(), fresh.as_str(), "{text:?}");
+            assert_eq!(reused.len(), fresh.len(), "{text:?}");
+            assert_eq!(reused.is_empty(), fresh.is_empty(), "{text:?}");
+            assert_eq!(reused.runs(), fresh.runs(), "{text:?}");
+            for end in 0..=fresh.len() + 1 {
+                assert_eq!(
+                    reused.original_range(0..end),
+                    fresh.original_range(0..end),
+                    "{text:?} 0..{end}"
+                );
+            }
+        }
+        assert_eq!(normalize("Hello  World"), "helo world");
     }
 
     #[track_caller]
