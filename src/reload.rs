@@ -503,6 +503,10 @@ struct Fixed {
     text_model: crate::text::classifier::TextModelConfig,
     /// `[image]` (its hash-list settings do reload).
     image: crate::image::ImageConfig,
+    /// `[lookup]` (the verdict store is built once).
+    lookup: crate::lookup::LookupConfig,
+    /// `[webhook]` (its sender task starts once).
+    webhook: crate::webhook::WebhookConfig,
 }
 
 impl Fixed {
@@ -513,6 +517,8 @@ impl Fixed {
             behaviour: config.behaviour.clone(),
             text_model: config.text_model.clone(),
             image: config.image.clone(),
+            lookup: config.lookup.clone(),
+            webhook: config.webhook.clone(),
         }
     }
 }
@@ -541,6 +547,12 @@ fn fixed_changes(old: &Fixed, new: &Config) -> Vec<&'static str> {
     image.hash_max_distance = old.image.hash_max_distance;
     if differs(&old.image, &image) {
         out.push("image");
+    }
+    if differs(&old.lookup, &new.lookup) {
+        out.push("lookup");
+    }
+    if differs(&old.webhook, &new.webhook) {
+        out.push("webhook");
     }
     out
 }

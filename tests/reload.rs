@@ -839,3 +839,29 @@ async fn poller_rejects_a_broken_file_once_and_picks_up_the_fix() {
     assert!(server.metric("chatguard_reload_last_seconds").await > 0.0);
     server.stop().await;
 }
+
+/// `[lookup]` and `[webhook]` are built once at startup: a reload that changes them says so
+/// (`ignored`, and a `WARN` naming the section) and applies the rest of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_only_sections_are_reported_and_the_rest_applies() {
+    let setup = Setup::new();
+    setup.write_config(0, "");
+    let server = Server::start(&setup.path("chatguard.toml")).await;
+    let mut ws = server.connect().await;
+    setup.write("words/en/insult.txt", "idiot | high\nwazzock | high\n");
+    setup.write_config(
+        0,
+        "[lookup]\nmax_entries = 5000\n\
+         [webhook]\nurl = \"http://127.0.0.1:9/hook\"\n",
+    );
+    let summary = server.reloader.reload_now().await.expect("reload succeeds");
+    assert_eq!(summary.ignored, ["lookup", "webhook"], "{summary:?}");
+    let v = verdict(&mut ws, "new-term", "you wazzock", None).await;
+    assert_eq!(v["action"], "block", "the wordlist part applied: {v}");
+
+    // Back to what the process started with: nothing is reported any more.
+    setup.write_config(0, "");
+    let summary = server.reloader.reload_now().await.expect("reload succeeds");
+    assert!(summary.ignored.is_empty(), "{summary:?}");
+    server.stop().await;
+}
