@@ -850,8 +850,7 @@ fn classes<const N: usize>(b: [u8; N]) -> [usize; N] {
     b.map(|b| usize::from(PREFIX_CLASS[usize::from(b)]))
 }
 
-/// Index into [`Prefixes::four`] and [`Prefixes::short`] of the four bytes `b`: a 16-bit
-/// hash of their classes.
+/// Index into [`Prefixes::four`] of the four bytes `b`: a 16-bit hash of their classes.
 #[inline]
 fn prefix4_index(b: [u8; 4]) -> usize {
     let [x, y, z, w] = classes(b);
