@@ -282,6 +282,37 @@ static ASCII: [AsciiClass; 128] = {
     t
 };
 
+/// For the fast path: writes the folded char `c`, which input byte `i` stands for, at `*w`
+/// (with its offsets when `MAP`) and moves `*w` on.
+#[inline(always)]
+fn put<const MAP: bool>(
+    out: &mut [u8],
+    runs: &mut [u8],
+    starts: &mut [u32],
+    ends: &mut [u32],
+    w: &mut usize,
+    i: usize,
+    c: u8,
+) {
+    out[*w] = c;
+    runs[*w] = 1;
+    if MAP {
+        starts[*w] = i as u32;
+        ends[*w] = i as u32 + 1;
+    }
+    *w += 1;
+}
+
+/// For the fast path: input byte `i` repeats the char last written (before `w`): its run
+/// grows and (when `MAP`) it now ends after `i`.
+#[inline(always)]
+fn repeat<const MAP: bool>(runs: &mut [u8], ends: &mut [u32], w: usize, i: usize) {
+    runs[w - 1] = runs[w - 1].saturating_add(1);
+    if MAP {
+        ends[w - 1] = i as u32 + 1;
+    }
+}
+
 /// For the fast path's `RICH` variant, at the start `i` of a token: when the token (a run of
 /// ASCII letters and digits) mixes both, writes it as the general path does (digits as their
 /// leetspeak letters, `2` and `6` as they are; runs of a letter collapse) and returns where it
@@ -320,18 +351,9 @@ fn mixed_token<const MAP: bool>(
             class.ch
         };
         if c == *last && !c.is_ascii_digit() {
-            runs[*w - 1] = runs[*w - 1].saturating_add(1);
-            if MAP {
-                ends[*w - 1] = j as u32 + 1;
-            }
+            repeat::<MAP>(runs, ends, *w, j);
         } else {
-            out[*w] = c;
-            runs[*w] = 1;
-            if MAP {
-                starts[*w] = j as u32;
-                ends[*w] = j as u32 + 1;
-            }
-            *w += 1;
+            put::<MAP>(out, runs, starts, ends, w, j, c);
             *last = c;
             if c.is_ascii_digit() {
                 *has |= HAS_DIGIT;
@@ -666,7 +688,8 @@ impl Normalized {
                     if !MAP && i + 8 <= len {
                         // Eight bytes at a time: the letters among them up to the first
                         // repeat are written at once (the rest of the eight bytes written is
-                        // garbage that later writes or the final cut remove: `w <= i`).
+                        // garbage that later writes overwrite or that ends up past `len`:
+                        // `w <= i`).
                         let v =
                             u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
                         let lower = v | 0x2020_2020_2020_2020;
@@ -691,19 +714,9 @@ impl Normalized {
                     } else {
                         let c = bytes[i] | 0x20;
                         if c == last {
-                            // A repeat: the run grows, the char now ends here.
-                            runs[w - 1] = runs[w - 1].saturating_add(1);
-                            if MAP {
-                                ends[w - 1] = i as u32 + 1;
-                            }
+                            repeat::<MAP>(runs, ends, w, i);
                         } else {
-                            out[w] = c;
-                            runs[w] = 1;
-                            if MAP {
-                                starts[w] = i as u32;
-                                ends[w] = i as u32 + 1;
-                            }
-                            w += 1;
+                            put::<MAP>(out, runs, starts, ends, &mut w, i, c);
                             last = c;
                         }
                         i += 1;
@@ -734,13 +747,7 @@ impl Normalized {
                         };
                     }
                     n.has |= HAS_DIGIT;
-                    out[w] = b;
-                    runs[w] = 1;
-                    if MAP {
-                        starts[w] = i as u32;
-                        ends[w] = i as u32 + 1;
-                    }
-                    w += 1;
+                    put::<MAP>(out, runs, starts, ends, &mut w, i, b);
                     in_number = true;
                     i += 1;
                     continue;
