@@ -469,3 +469,120 @@ fn blocking_submit_and_config_validation() {
         Ok(_) => panic!("max_batch_size = 0 accepted"),
     }
 }
+
+/// A batcher over several mock backends (one model thread each) plus its probes.
+struct Pool {
+    batcher: Batcher<Job, u64>,
+    /// Every batch run, by any thread.
+    batches: Arc<Mutex<Vec<Vec<u64>>>>,
+    /// One message each time a gated batch starts, from any thread.
+    started_rx: mpsc::Receiver<()>,
+    /// One gate per backend.
+    gates: Vec<mpsc::Sender<()>>,
+}
+
+fn pool(n: usize, max_batch_size: usize) -> Pool {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let (started_tx, started_rx) = mpsc::channel();
+    let mut gates = Vec::new();
+    let backends = (0..n)
+        .map(|_| {
+            let (gate_tx, gate_rx) = mpsc::channel();
+            gates.push(gate_tx);
+            MockBackend {
+                batches: batches.clone(),
+                started_tx: started_tx.clone(),
+                gate_rx,
+            }
+        })
+        .collect();
+    let config = BatcherConfig {
+        name: "pool".into(),
+        max_batch_size,
+        max_batch_tokens: 1000,
+        queue_capacity: 1000,
+        queue_timeout: Duration::from_millis(5000),
+    };
+    let batcher = Batcher::spawn_pool(config, MockPrepare::default(), backends).unwrap();
+    Pool {
+        batcher,
+        batches,
+        started_rx,
+        gates,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_runs_batches_side_by_side() {
+    let Pool {
+        batcher,
+        batches,
+        started_rx,
+        gates,
+    } = pool(2, 8);
+    let gated = |id| Job {
+        gated: true,
+        ..Job::id(id)
+    };
+    // The first gated batch holds one model thread; the second must start on the other one
+    // while the first is still blocked (one model thread would never report it).
+    let first = batcher.enqueue(gated(1)).unwrap();
+    started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let second = batcher.enqueue(gated(2)).unwrap();
+    started_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the second model thread did not start a batch while the first was busy");
+    for gate in &gates {
+        gate.send(()).unwrap();
+    }
+    assert_eq!(first.await.unwrap(), Ok(2));
+    assert_eq!(second.await.unwrap(), Ok(4));
+    assert_eq!(batches.lock().unwrap().clone(), vec![vec![1], vec![2]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_answers_every_request_once() {
+    let Pool {
+        batcher, batches, ..
+    } = pool(3, 16);
+    let jobs: Vec<Job> = (0..600)
+        .map(|id| Job {
+            // Some batches take a while, so all three threads hold batches at once.
+            sleep_ms: u64::from(id % 50 == 0),
+            ..Job::id(id)
+        })
+        .collect();
+    let results = submit_all(&batcher, jobs).await;
+    let wrong: Vec<String> = results
+        .iter()
+        .filter(|(job, result)| *result != Ok(job.id * 2))
+        .map(|(job, result)| format!("job {} got {result:?}", job.id))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let mut ran: Vec<u64> = batches.lock().unwrap().iter().flatten().copied().collect();
+    ran.sort_unstable();
+    assert_eq!(ran, (0..600).collect::<Vec<_>>());
+    assert!(batches.lock().unwrap().iter().all(|b| b.len() <= 16));
+    let stats = batcher.stats();
+    assert_eq!((stats.submitted, stats.batched_items), (600, 600));
+    assert_eq!(stats.queue_depth, 0);
+    // Dropping the last handle lets every model thread drain and exit.
+    drop(batcher);
+}
+
+#[test]
+fn a_pool_needs_a_backend() {
+    let config = BatcherConfig {
+        name: "empty".into(),
+        max_batch_size: 4,
+        max_batch_tokens: 10,
+        queue_capacity: 10,
+        queue_timeout: Duration::from_millis(10),
+    };
+    match Batcher::<Job, u64>::spawn_pool(config, MockPrepare::default(), Vec::<MockBackend>::new())
+    {
+        Err(InferError::Config { setting, .. }) => assert_eq!(setting, "workers"),
+        Err(other) => panic!("wrong error {other}"),
+        Ok(_) => panic!("a pool without backends was accepted"),
+    }
+}

@@ -5,17 +5,20 @@
 //! classifier); generic over what is prepared and run.
 //!
 //! ```text
-//! callers ──submit()──▶ [admission: queue_capacity] ──▶ prepare thread ──▶ model thread ──▶ oneshot replies
+//! callers ──submit()──▶ [admission: queue_capacity] ──▶ prepare thread ──▶ model thread(s) ──▶ oneshot replies
 //!  (tokio)   fail fast: Overloaded                  (tokenize/decode)   (batch + run)
 //! ```
 //!
-//! - [`Batcher`] is the cheap-to-clone handle: a bounded channel into two dedicated OS threads
+//! - [`Batcher`] is the cheap-to-clone handle: a bounded channel into dedicated OS threads
 //!   (never tokio tasks — all CPU work stays off the async runtime).
 //! - The preparation thread owns a [`Prepare`] (e.g. tokenizers) and turns each request into a
 //!   model-ready item while the model is busy with the previous batch.
-//! - The model thread owns a [`Backend`] (e.g. ONNX sessions). A batch is whatever has queued when
-//!   the model is free — there is no wait timer, so a lone request pays no batching delay — capped
-//!   by [`BatcherConfig::max_batch_size`] and [`BatcherConfig::max_batch_tokens`].
+//! - Each model thread owns a [`Backend`] (e.g. ONNX sessions); [`Batcher::spawn_pool`] starts
+//!   one per backend. A free model thread takes the next batch: whatever has queued — there is no
+//!   wait timer, so a lone request pays no batching delay — capped by
+//!   [`BatcherConfig::max_batch_size`] and [`BatcherConfig::max_batch_tokens`]. Several model
+//!   threads with one intra-op thread each keep every core busy on small batches, where one
+//!   session's intra-op pool mostly waits on its own synchronisation.
 //! - Every request carries a queue deadline: one still queued past it is answered
 //!   [`InferError::Timeout`] without running. A request whose caller has gone away (dropped the
 //!   future) is skipped. A full queue answers [`InferError::Overloaded`] at once.
@@ -23,9 +26,9 @@
 //! - Counters for the admin endpoint are atomics in [`BatcherStats`].
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -248,13 +251,33 @@ impl<Req, Out> Clone for Batcher<Req, Out> {
 }
 
 impl<Req: Send + 'static, Out: Send + 'static> Batcher<Req, Out> {
-    /// Starts the preparation and model threads.
+    /// Starts the preparation thread and one model thread.
     pub fn spawn<P, B>(config: BatcherConfig, prepare: P, backend: B) -> Result<Self, InferError>
     where
         P: Prepare<Request = Req>,
         B: Backend<Item = P::Item, Output = Out>,
     {
+        Self::spawn_pool(config, prepare, vec![backend])
+    }
+
+    /// Starts the preparation thread and one model thread per backend (`{name}-model-{i}`); they
+    /// share the queue, each forming its next batch when it is free.
+    pub fn spawn_pool<P, B>(
+        config: BatcherConfig,
+        prepare: P,
+        backends: Vec<B>,
+    ) -> Result<Self, InferError>
+    where
+        P: Prepare<Request = Req>,
+        B: Backend<Item = P::Item, Output = Out>,
+    {
         config.validate()?;
+        if backends.is_empty() {
+            return Err(InferError::Config {
+                setting: "workers",
+                reason: "must be at least 1".into(),
+            });
+        }
         let counters = Arc::new(Counters::default());
         let (request_tx, request_rx) = mpsc::sync_channel(config.queue_capacity);
         // Unbounded, but admission keeps at most `queue_capacity` requests in the whole pipeline.
@@ -267,19 +290,32 @@ impl<Req: Send + 'static, Out: Send + 'static> Batcher<Req, Out> {
             counters: counters.clone(),
             queue_timeout: config.queue_timeout,
         };
-        let model = ModelWorker {
-            backend,
+        let intake = Arc::new(Mutex::new(Intake {
             prepared_rx,
-            counters: counters.clone(),
-            config: config.clone(),
             carry: None,
-        };
+        }));
         let spawn_error =
             |e: std::io::Error| InferError::Backend(format!("cannot start thread: {e}"));
-        std::thread::Builder::new()
-            .name(format!("{}-model", config.name))
-            .spawn(move || model.run())
-            .map_err(spawn_error)?;
+        let single = backends.len() == 1;
+        for (i, backend) in backends.into_iter().enumerate() {
+            let model = ModelWorker {
+                backend,
+                intake: intake.clone(),
+                counters: counters.clone(),
+                config: config.clone(),
+            };
+            let name = if single {
+                format!("{}-model", config.name)
+            } else {
+                format!("{}-model-{i}", config.name)
+            };
+            // A thread that fails to start drops its `intake` clone; those already started
+            // serve on, and the error tells the caller.
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || model.run())
+                .map_err(spawn_error)?;
+        }
         std::thread::Builder::new()
             .name(format!("{}-prep", config.name))
             .spawn(move || prep.run())
@@ -431,31 +467,25 @@ impl<P: Prepare, Out> PrepWorker<P, Out> {
     }
 }
 
-/// The model thread: forms batches from what has queued and runs them.
-struct ModelWorker<B: Backend> {
-    /// Runs batches.
-    backend: B,
+/// The model threads' shared end of the queue. A model thread holds the lock while it forms a
+/// batch (waiting for the first request when the queue is empty), never while the model runs.
+struct Intake<Item, Out> {
     /// From the preparation thread; ends when it exits.
-    prepared_rx: mpsc::Receiver<Queued<B::Item, B::Output>>,
-    /// Shared counters.
-    counters: Arc<Counters>,
-    /// Batch limits.
-    config: BatcherConfig,
+    prepared_rx: mpsc::Receiver<Queued<Item, Out>>,
     /// A request that did not fit the previous batch; it opens the next one.
-    carry: Option<Queued<B::Item, B::Output>>,
+    carry: Option<Queued<Item, Out>>,
 }
 
-impl<B: Backend> ModelWorker<B> {
-    fn run(mut self) {
-        while let Some(batch) = self.next_batch() {
-            self.run_batch(batch);
-        }
-    }
-
-    /// Blocks for the first request, then takes whatever else has queued, within the limits.
-    /// `None` when the pipeline is closed and drained.
-    fn next_batch(&mut self) -> Option<Vec<Queued<B::Item, B::Output>>> {
-        let mut batch: Vec<Queued<B::Item, B::Output>> = Vec::new();
+impl<Item, Out> Intake<Item, Out> {
+    /// Blocks for the first request, then takes whatever else has queued, within the limits
+    /// (`cost` measures an item). `None` when the pipeline is closed and drained.
+    fn next_batch(
+        &mut self,
+        cost: impl Fn(&Item) -> usize,
+        config: &BatcherConfig,
+        counters: &Counters,
+    ) -> Option<Vec<Queued<Item, Out>>> {
+        let mut batch: Vec<Queued<Item, Out>> = Vec::new();
         let mut max_cost = 0usize;
         loop {
             let next = match self.carry.take() {
@@ -466,25 +496,49 @@ impl<B: Backend> ModelWorker<B> {
                     Err(_) => return Some(batch),
                 },
             };
-            let Some(next) =
-                next.still_wanted(Instant::now(), self.config.queue_timeout, &self.counters)
+            let Some(next) = next.still_wanted(Instant::now(), config.queue_timeout, counters)
             else {
                 continue;
             };
-            let cost = self.backend.cost(&next.payload);
-            let new_max = max_cost.max(cost);
-            let fits = batch.len() < self.config.max_batch_size
-                && (batch.len() + 1).saturating_mul(new_max) <= self.config.max_batch_tokens;
+            let new_max = max_cost.max(cost(&next.payload));
+            let fits = batch.len() < config.max_batch_size
+                && (batch.len() + 1).saturating_mul(new_max) <= config.max_batch_tokens;
             if !batch.is_empty() && !fits {
                 self.carry = Some(next);
                 return Some(batch);
             }
-            self.counters.dequeue();
+            counters.dequeue();
             max_cost = new_max;
             batch.push(next);
-            if batch.len() >= self.config.max_batch_size {
+            if batch.len() >= config.max_batch_size {
                 return Some(batch);
             }
+        }
+    }
+}
+
+/// A model thread: forms batches from what has queued and runs them.
+struct ModelWorker<B: Backend> {
+    /// Runs batches.
+    backend: B,
+    /// The queue, shared with the other model threads.
+    intake: Arc<Mutex<Intake<B::Item, B::Output>>>,
+    /// Shared counters.
+    counters: Arc<Counters>,
+    /// Batch limits.
+    config: BatcherConfig,
+}
+
+impl<B: Backend> ModelWorker<B> {
+    fn run(mut self) {
+        loop {
+            let batch = self
+                .intake
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .next_batch(|item| self.backend.cost(item), &self.config, &self.counters);
+            let Some(batch) = batch else { break };
+            self.run_batch(batch);
         }
     }
 
