@@ -4,8 +4,9 @@
 //! ```text
 //! cargo bench --bench model                      # 10k messages
 //! cargo bench --bench model -- --quick           # 2k messages
-//! cargo bench --bench model -- --messages 5000 --concurrency 128 --intra-threads 1 --batch 16
+//! cargo bench --bench model -- --messages 5000 --concurrency 128 --intra-threads 2 --workers 1 --batch 16
 //! cargo bench --bench model -- --rounds 5        # Rust/Python rounds (default 3)
+//! cargo bench --bench model -- --python-procs 2 --python-threads 1   # Python as 2 worker processes
 //! ```
 //! Needs `make models`. Prints msgs/s and p50/p99 latency for: lone requests through the batcher,
 //! the batcher under `--concurrency` closed-loop requesters, and the direct fixed-batch path
@@ -15,6 +16,9 @@
 //! `make models`, `PY_TEXT_BENCH=0` skips it) and the Rust/Python ratio: `--rounds` rounds, each a
 //! fresh batcher pass right before a Python arrival-order pass, so that a machine whose speed
 //! drifts (a shared VM) affects both sides of each round's ratio alike; the median is reported.
+//! The Python side is one process whose sessions use every core (`--python-threads`, default the
+//! CPU count) — how such a service usually runs; `--python-procs N` runs N such processes at once
+//! (a service with N worker processes, like the Rust side's `workers`) and counts them together.
 
 #[path = "support/stats.rs"]
 mod stats;
@@ -32,8 +36,14 @@ struct Args {
     messages: usize,
     /// Concurrent requesters in the batcher phase.
     concurrency: usize,
-    /// ONNX Runtime intra-op threads.
+    /// ONNX Runtime intra-op threads per session.
     intra_threads: usize,
+    /// Model threads (each with its own sessions).
+    workers: usize,
+    /// ONNX Runtime intra-op threads of each Python peer process's sessions.
+    python_threads: usize,
+    /// Python peer processes (a service run with several worker processes).
+    python_procs: usize,
     /// Batch size of the direct path (and the batcher's max batch size).
     batch: usize,
     /// Rounds of (Rust batcher pass, Python arrival-order pass) for the ratio.
@@ -45,6 +55,9 @@ fn parse_args() -> Args {
         messages: 10_000,
         concurrency: 64,
         intra_threads: TextModelConfig::default().intra_threads,
+        workers: TextModelConfig::default().workers,
+        python_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        python_procs: 1,
         batch: 32,
         rounds: 3,
     };
@@ -60,6 +73,9 @@ fn parse_args() -> Args {
             "--messages" => args.messages = value("--messages"),
             "--concurrency" => args.concurrency = value("--concurrency"),
             "--intra-threads" => args.intra_threads = value("--intra-threads"),
+            "--workers" => args.workers = value("--workers"),
+            "--python-threads" => args.python_threads = value("--python-threads"),
+            "--python-procs" => args.python_procs = value("--python-procs"),
             "--batch" => args.batch = value("--batch"),
             "--rounds" => args.rounds = value("--rounds").max(1),
             _ => {} // `--bench` and other harness flags
@@ -138,6 +154,7 @@ fn main() {
     let args = parse_args();
     let cfg = TextModelConfig {
         intra_threads: args.intra_threads,
+        workers: args.workers,
         max_batch_size: args.batch,
         // The default (32 × 64) scaled to --batch.
         max_batch_tokens: args.batch * 64,
@@ -151,11 +168,15 @@ fn main() {
     let messages = Arc::new(chat_messages(args.messages));
     let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
     println!(
-        "text model bench: {} messages, concurrency {}, batch {}, intra_threads {}, {} CPUs",
+        "text model bench: {} messages, concurrency {}, batch {}, {} workers × {} intra-op \
+         threads (python: {} process(es) × {} intra-op threads), {} CPUs",
         args.messages,
         args.concurrency,
         args.batch,
+        args.workers,
         args.intra_threads,
+        args.python_procs,
+        args.python_threads,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     // Warm-up (session allocations, caches).
@@ -313,12 +334,66 @@ fn batcher_pass(
     }
 }
 
+/// One Python peer process, talked to over its stdin/stdout.
+struct PyProc {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl PyProc {
+    /// Echoes the process's lines up to (and including) the first that starts with `prefix`.
+    fn until(&mut self, prefix: &str) -> Option<String> {
+        for line in self.lines.by_ref() {
+            let line = line.ok()?;
+            println!("{line}");
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// Sends one command line.
+    fn ask(&mut self, command: &str) -> bool {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .is_ok()
+    }
+}
+
+/// `key=value` from a peer's result line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Asks every process for `command`, waits for each one's `prefix` line, and returns the
+/// throughput of all of them together: each scores all the messages at the same time, so the
+/// pool finishes `procs × messages` when its slowest process finishes (`procs × slowest rate`).
+/// Also the first process's mean insult score. `None` when a process does not answer.
+fn pool_rate(procs: &mut [PyProc], command: &str, prefix: &str) -> Option<(f64, Option<f64>)> {
+    if !procs.iter_mut().all(|p| p.ask(command)) {
+        return None;
+    }
+    let mut slowest = f64::INFINITY;
+    let mut insult = None;
+    for p in procs.iter_mut() {
+        let line = p.until(prefix)?;
+        slowest = slowest.min(field(&line, "msgs_per_s")?);
+        insult = insult.or(field(&line, "mean_insult"));
+    }
+    Some((procs.len() as f64 * slowest, insult))
+}
+
 /// The peer: `models/scripts/py_text_bench.py` (onnxruntime + tokenizers, same ONNX files, the
-/// same messages, same intra-op threads), run with the venv `make models` creates. After its
-/// warm-up and calibration, `args.rounds` rounds of one `rust_pass` then one Python
-/// arrival-order pass (what a service batching whatever has queued gets); then Python's offline
-/// best case (length-sorted, best batch). Prints each round, the median ratio and the scores.
-/// Skipped when the venv is missing or `PY_TEXT_BENCH=0`.
+/// same messages), `--python-procs` processes of `--python-threads` intra-op threads each, run
+/// with the venv `make models` creates. After their warm-up and calibration, `args.rounds`
+/// rounds of one `rust_pass` then one Python arrival-order pass (what a service batching
+/// whatever has queued gets; all processes at once, each scoring every message); then Python's
+/// offline best case (length-sorted, best batch). Prints each round, the median ratio and the
+/// scores. Skipped when the venv is missing or `PY_TEXT_BENCH=0`.
 fn python_peer(
     messages: &[String],
     args: &Args,
@@ -326,7 +401,7 @@ fn python_peer(
     direct: f64,
     mean_insult: f64,
 ) {
-    use std::io::{BufRead, Write};
+    use std::io::BufRead;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/models-venv/bin/python");
     let script = root.join("models/scripts/py_text_bench.py");
@@ -342,76 +417,75 @@ fn python_peer(
         println!("python peer: cannot write {}: {e}", input.display());
         return;
     }
-    let child = std::process::Command::new(&python)
-        .arg(&script)
-        .arg("--input")
-        .arg(&input)
-        .arg("--threads")
-        .arg(args.intra_threads.to_string())
-        .arg("--arrival-batch")
-        .arg(args.batch.to_string())
-        .arg("--interleave")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = std::fs::remove_file(&input);
-            println!("python peer: cannot run {}: {e}", python.display());
-            return;
-        }
-    };
-    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        unreachable!("both piped");
-    };
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    // Echoes Python's lines up to (and including) the first that starts with `prefix`.
-    let mut until = |prefix: &str| -> Option<String> {
-        for line in lines.by_ref() {
-            let line = line.ok()?;
-            println!("{line}");
-            if line.starts_with(prefix) {
-                return Some(line);
+    let mut procs = Vec::new();
+    for _ in 0..args.python_procs.max(1) {
+        let child = std::process::Command::new(&python)
+            .arg(&script)
+            .arg("--input")
+            .arg(&input)
+            .arg("--threads")
+            .arg(args.python_threads.to_string())
+            .arg("--arrival-batch")
+            .arg(args.batch.to_string())
+            .arg("--interleave")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    unreachable!("both piped");
+                };
+                let lines = std::io::BufReader::new(stdout).lines();
+                procs.push(PyProc {
+                    child,
+                    stdin,
+                    lines,
+                });
+            }
+            Err(e) => {
+                println!("python peer: cannot run {}: {e}", python.display());
+                break;
             }
         }
-        None
+    }
+    let result = if procs.len() == args.python_procs.max(1) {
+        python_rounds(&mut procs, args, rust_pass, direct, mean_insult)
+    } else {
+        Err("not every process started".into())
     };
-    let field = |line: &str, key: &str| -> Option<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-    };
-    let finish = |mut child: std::process::Child| {
-        let status = child.wait();
-        let _ = std::fs::remove_file(&input);
-        match status {
-            Ok(s) if s.success() => true,
-            other => {
-                println!("python peer: {} ended with {other:?}", script.display());
-                false
-            }
+    for mut p in procs {
+        drop(p.stdin);
+        match p.child.wait() {
+            Ok(s) if s.success() => {}
+            other => println!("python peer: {} ended with {other:?}", script.display()),
         }
-    };
-    if until("PYTEXT_READY").is_none() {
-        finish(child);
-        return;
+    }
+    let _ = std::fs::remove_file(&input);
+    if let Err(e) = result {
+        println!("python peer: {e}");
+    }
+}
+
+/// The rounds and the summary of [`python_peer`], once its processes run.
+fn python_rounds(
+    procs: &mut [PyProc],
+    args: &Args,
+    rust_pass: &mut dyn FnMut() -> f64,
+    direct: f64,
+    mean_insult: f64,
+) -> Result<(), String> {
+    for p in procs.iter_mut() {
+        p.until("PYTEXT_READY")
+            .ok_or("a process ended before PYTEXT_READY")?;
     }
     let (mut rust_rates, mut ratios) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let rust = rust_pass();
-        let asked = writeln!(stdin, "arrival").and_then(|()| stdin.flush());
-        let Some(py) = asked
-            .ok()
-            .and_then(|()| until("PYTEXT_ARRIVAL "))
-            .and_then(|l| field(&l, "msgs_per_s"))
-        else {
-            println!("python peer: no PYTEXT_ARRIVAL line in round {round}");
-            drop(stdin);
-            finish(child);
-            return;
-        };
+        let (py, _) = pool_rate(procs, "arrival", "PYTEXT_ARRIVAL ")
+            .ok_or(format!("no PYTEXT_ARRIVAL rate in round {round}"))?;
         println!(
             "round {round}: rust batcher {rust:.0} msgs/s, python arrival-order {py:.0} msgs/s: \
              {:.2}x",
@@ -420,16 +494,18 @@ fn python_peer(
         rust_rates.push(rust);
         ratios.push(rust / py);
     }
-    let _ = writeln!(stdin, "done").and_then(|()| stdin.flush());
-    drop(stdin);
-    let best = until("PYTEXT ");
-    if !finish(child) {
-        return;
-    }
+    let best = pool_rate(procs, "done", "PYTEXT ");
     let batched = median(&mut rust_rates);
+    let setup = format!(
+        "python {} process(es) × {} intra-op threads; rust {} workers × {}",
+        procs.len(),
+        args.python_threads,
+        args.workers,
+        args.intra_threads
+    );
     println!(
-        "text model vs python, arrival-order batches of {} (as a service batches), {} rounds: \
-         median {:.2}x (rounds: {})",
+        "text model vs python, arrival-order batches of {} (as a service batches), {} rounds, \
+         {setup}: median {:.2}x (rounds: {})",
         args.batch,
         args.rounds,
         median(&mut ratios.clone()),
@@ -439,22 +515,15 @@ fn python_peer(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let Some(line) = best else {
-        println!("python peer: no PYTEXT line in its output");
-        return;
-    };
-    let (Some(py), py_insult) = (field(&line, "msgs_per_s"), field(&line, "mean_insult")) else {
-        println!("python peer: no msgs_per_s in `{line}`");
-        return;
-    };
+    let (py, py_insult) = best.ok_or("no PYTEXT rate in its output")?;
     println!(
-        "text model vs python (onnxruntime+tokenizers, length-sorted, best batch, {} intra-op \
-         threads): rust batcher (median of the rounds) {batched:.0} msgs/s ({:.2}x), rust direct \
-         {direct:.0} msgs/s ({:.2}x), python {py:.0} msgs/s; mean insult score rust \
-         {mean_insult:.5} python {}",
-        args.intra_threads,
+        "text model vs python (onnxruntime+tokenizers, length-sorted, best batch, {setup}): rust \
+         batcher (median of the rounds) {batched:.0} msgs/s ({:.2}x), rust direct {direct:.0} \
+         msgs/s ({:.2}x), python {py:.0} msgs/s; mean insult score rust {mean_insult:.5} \
+         python {}",
         batched / py,
         direct / py,
         py_insult.map_or("?".to_string(), |v| format!("{v:.5}"))
     );
+    Ok(())
 }

@@ -279,6 +279,48 @@ fn batch_and_single_agree() {
     );
 }
 
+#[test]
+fn one_worker_and_several_give_the_same_scores() {
+    // Enough messages for several chunks, so the default classifier's workers each run some.
+    let owned: Vec<String> = (0..5)
+        .flat_map(|round| sentences().into_iter().map(move |s| format!("{s} {round}")))
+        .chain((0..60).map(|i| format!("message number {i}, you idiot")))
+        .collect();
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let many = classifier();
+    let one = TextClassifier::load(&TextModelConfig {
+        workers: 1,
+        max_batch_size: 16,
+        ..config()
+    })
+    .expect("one-worker classifier");
+    let (pooled, single) = (
+        many.classify_batch_blocking(&texts).expect("pooled"),
+        one.classify_batch_blocking(&texts).expect("single"),
+    );
+    let raw = many
+        .run_tokenized_blocking(&many.tokenize_blocking(&texts).expect("tokenize"))
+        .expect("raw");
+    let mut failures = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        for (what, got) in [("pooled", &pooled[i]), ("raw", &raw[i])] {
+            compare(
+                &mut failures,
+                what,
+                text,
+                &f64s(&got.head()),
+                &f64s(&single[i].head()),
+                TOL,
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "workers disagree:\n{}",
+        failures.join("\n")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batcher_path_matches_direct_path() {
     let classifier = classifier().clone();

@@ -15,12 +15,15 @@
 //! 3. head (`models/head/text_head.json`): `sigmoid(concat(embedding, transform(probs)) · W + b)`,
 //!    a 390×6 matmul in plain Rust.
 //!
-//! Tokenization runs on the batcher's preparation thread, the sessions on its model thread —
-//! never on the async runtime. ONNX Runtime threads: `intra_threads` per session (default 2,
-//! measured faster than 1 on the 2-core box once spin-waiting is off), inter-op 1. The model
-//! files come from `make models` (see `models/`).
+//! Tokenization runs on the batcher's preparation thread, the sessions on its model threads —
+//! never on the async runtime. `workers` model threads (default 2), each with its own pair of
+//! sessions and `intra_threads` ONNX Runtime threads per session (default 1), inter-op 1: on the
+//! 2-core box two single-threaded workers ran 1.56× the messages/s of one worker with two
+//! intra-op threads (batches of 32 chat lines; most of MiniLM's ~100 small operators per run
+//! are too small to split well). The model files come from `make models` (see `models/`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -54,6 +57,9 @@ pub const HEAD_LABELS: [&str; 6] = ["insult", "threat", "sexual", "hate", "toxic
 pub const HEAD_INPUTS: usize = EMBEDDING_DIM + 6;
 /// tox-block's out-of-vocabulary id; it never reached the model in training, so it is dropped.
 const TOXBLOCK_UNK_ID: u32 = 20000;
+/// Most model threads `[text_model] workers` may ask for.
+pub const MAX_WORKERS: usize = 64;
+
 /// MiniLM's position-embedding table size: the hard upper bound for `max_tokens`.
 const MINILM_MAX_POSITIONS: usize = 512;
 
@@ -70,6 +76,8 @@ pub struct TextModelConfig {
     pub ort_dylib_path: Option<PathBuf>,
     /// ONNX Runtime intra-op threads per session (the calling thread included).
     pub intra_threads: usize,
+    /// Model threads, each with its own sessions (each adds about 100 MB of weights and arenas).
+    pub workers: usize,
     /// Most messages in one model run.
     pub max_batch_size: usize,
     /// Most padded MiniLM tokens in one model run (messages × longest message).
@@ -88,7 +96,8 @@ impl Default for TextModelConfig {
             enabled: true,
             models_dir: PathBuf::from("models"),
             ort_dylib_path: None,
-            intra_threads: 2,
+            intra_threads: 1,
+            workers: 2,
             max_batch_size: 32,
             max_batch_tokens: 32 * 64,
             max_tokens: 128,
@@ -110,6 +119,9 @@ impl TextModelConfig {
             |setting: &'static str, reason: String| Err(InferError::Config { setting, reason });
         if self.intra_threads == 0 {
             return bad("intra_threads", "must be at least 1".into());
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return bad("workers", format!("must be in 1..={MAX_WORKERS}"));
         }
         if self.max_tokens < 2 || self.max_tokens > MINILM_MAX_POSITIONS {
             return bad(
@@ -460,6 +472,44 @@ fn length_groups(lengths: &[usize]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl TextModel {
+    /// Opens both sessions (`env` is the loaded ONNX Runtime) and checks their tensors.
+    fn load(
+        env: &ort::environment::Environment,
+        dir: &Path,
+        threads: SessionThreads,
+        head: &Head,
+        minilm_pad_id: i64,
+    ) -> Result<TextModel, InferError> {
+        let minilm_path = dir.join("minilm/minilm-l6-v2.onnx");
+        let minilm = runtime::session(env, "MiniLM encoder", &minilm_path, threads)?;
+        runtime::check_io(
+            &minilm,
+            "MiniLM encoder",
+            &minilm_path,
+            &["input_ids", "attention_mask", "token_type_ids"],
+            &["sentence_embedding"],
+        )?;
+        let toxblock_path = dir.join("toxblock/toxblock.onnx");
+        let toxblock = runtime::session(env, "tox-block model", &toxblock_path, threads)?;
+        runtime::check_io(
+            &toxblock,
+            "tox-block model",
+            &toxblock_path,
+            &["input_ids"],
+            &["probs"],
+        )?;
+        let minilm_outputs = RunOptions::new()
+            .map_err(|e| InferError::Backend(e.to_string()))?
+            .with_outputs(OutputSelector::no_default().with("sentence_embedding"));
+        Ok(TextModel {
+            minilm,
+            minilm_outputs,
+            toxblock,
+            head: head.clone(),
+            minilm_pad_id,
+        })
+    }
+
     /// Both models on `items`: MiniLM in length groups ([`length_groups`]), tox-block in one run.
     fn run_raw(&mut self, items: &[&TextItem]) -> Result<RawOutputs, InferError> {
         let mut order: Vec<usize> = (0..items.len()).collect();
@@ -588,6 +638,9 @@ impl Backend for TextBackend {
     }
 }
 
+/// A chunk's index and its scores (see [`TextClassifier::score_chunks`]).
+type ScoredChunk = (usize, Vec<TextScores>);
+
 /// Cheap-to-clone handle to the loaded text model and its batcher.
 #[derive(Clone)]
 pub struct TextClassifier {
@@ -595,8 +648,8 @@ pub struct TextClassifier {
     batcher: Batcher<String, TextScores>,
     /// For blocking callers (tokenize on the caller's thread).
     tokenizers: Arc<TextTokenizers>,
-    /// For blocking callers (also used by the model thread).
-    model: Arc<Mutex<TextModel>>,
+    /// One per model thread; blocking callers use them too (in parallel).
+    models: Vec<Arc<Mutex<TextModel>>>,
     /// Chunk size for blocking batches.
     max_batch_size: usize,
 }
@@ -612,37 +665,15 @@ impl TextClassifier {
             intra: cfg.intra_threads,
             inter: 1,
         };
-        let minilm_path = dir.join("minilm/minilm-l6-v2.onnx");
-        let minilm = runtime::session(&env, "MiniLM encoder", &minilm_path, threads)?;
-        runtime::check_io(
-            &minilm,
-            "MiniLM encoder",
-            &minilm_path,
-            &["input_ids", "attention_mask", "token_type_ids"],
-            &["sentence_embedding"],
-        )?;
-        let toxblock_path = dir.join("toxblock/toxblock.onnx");
-        let toxblock = runtime::session(&env, "tox-block model", &toxblock_path, threads)?;
-        runtime::check_io(
-            &toxblock,
-            "tox-block model",
-            &toxblock_path,
-            &["input_ids"],
-            &["probs"],
-        )?;
         let head = Head::load(&dir.join("head/text_head.json"))?;
         let tokenizers = Arc::new(TextTokenizers::load(dir, cfg.max_tokens)?);
-        let minilm_outputs = RunOptions::new()
-            .map_err(|e| InferError::Backend(e.to_string()))?
-            .with_outputs(OutputSelector::no_default().with("sentence_embedding"));
-        let model = Arc::new(Mutex::new(TextModel {
-            minilm,
-            minilm_outputs,
-            toxblock,
-            head,
-            minilm_pad_id: tokenizers.minilm_pad_id,
-        }));
-        let batcher = Batcher::spawn(
+        let models = (0..cfg.workers)
+            .map(|_| {
+                let model = TextModel::load(&env, dir, threads, &head, tokenizers.minilm_pad_id)?;
+                Ok(Arc::new(Mutex::new(model)))
+            })
+            .collect::<Result<Vec<_>, InferError>>()?;
+        let batcher = Batcher::spawn_pool(
             BatcherConfig {
                 name: "text-model".into(),
                 max_batch_size: cfg.max_batch_size,
@@ -653,14 +684,17 @@ impl TextClassifier {
             TextPrepare {
                 tokenizers: tokenizers.clone(),
             },
-            TextBackend {
-                model: model.clone(),
-            },
+            models
+                .iter()
+                .map(|model| TextBackend {
+                    model: model.clone(),
+                })
+                .collect(),
         )?;
         Ok(TextClassifier {
             batcher,
             tokenizers,
-            model,
+            models,
             max_batch_size: cfg.max_batch_size,
         })
     }
@@ -677,10 +711,9 @@ impl TextClassifier {
         let items = self.tokenize_blocking(texts)?;
         let mut order: Vec<usize> = (0..items.len()).collect();
         order.sort_by_key(|&i| items[i].minilm_ids.len());
+        let chunks: Vec<&[usize]> = order.chunks(self.max_batch_size).collect();
         let mut scores: Vec<Option<TextScores>> = vec![None; items.len()];
-        for chunk in order.chunks(self.max_batch_size) {
-            let refs: Vec<&TextItem> = chunk.iter().map(|&i| &items[i]).collect();
-            let batch = self.lock_model().scores(&refs)?;
+        for (chunk, batch) in chunks.iter().zip(self.score_chunks(&items, &chunks)?) {
             for (&i, s) in chunk.iter().zip(batch) {
                 scores[i] = Some(s);
             }
@@ -696,18 +729,72 @@ impl TextClassifier {
         texts.iter().map(|t| self.tokenizers.encode(t)).collect()
     }
 
-    /// Runs already-tokenized messages through the sessions and the head on the calling thread,
-    /// in fixed batches of `max_batch_size` in the given order (the raw-session baseline).
+    /// Runs already-tokenized messages through the sessions and the head on the calling thread
+    /// (and one more per extra worker), in fixed batches of `max_batch_size` in the given order
+    /// (the raw-session baseline).
     pub fn run_tokenized_blocking(
         &self,
         items: &[TextItem],
     ) -> Result<Vec<TextScores>, InferError> {
-        let mut scores = Vec::with_capacity(items.len());
-        for chunk in items.chunks(self.max_batch_size) {
-            let refs: Vec<&TextItem> = chunk.iter().collect();
-            scores.extend(self.lock_model().scores(&refs)?);
+        let order: Vec<usize> = (0..items.len()).collect();
+        let chunks: Vec<&[usize]> = order.chunks(self.max_batch_size).collect();
+        Ok(self.score_chunks(items, &chunks)?.concat())
+    }
+
+    /// Scores each chunk of `items` (indices; one model run each) on all models at once: one
+    /// scoped thread per model takes the next chunk until none is left. Results in chunk order;
+    /// the first error stops the rest.
+    fn score_chunks(
+        &self,
+        items: &[TextItem],
+        chunks: &[&[usize]],
+    ) -> Result<Vec<Vec<TextScores>>, InferError> {
+        let next = AtomicUsize::new(0);
+        let work = |model: &Mutex<TextModel>| {
+            let mut done = Vec::new();
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                let Some(chunk) = chunks.get(c) else {
+                    return Ok(done);
+                };
+                let refs: Vec<&TextItem> = chunk.iter().map(|&i| &items[i]).collect();
+                let scored = model
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .scores(&refs);
+                match scored {
+                    Ok(scores) => done.push((c, scores)),
+                    Err(e) => {
+                        next.store(chunks.len(), Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let per_model: Vec<Result<Vec<ScoredChunk>, InferError>> =
+            if self.models.len() == 1 || chunks.len() <= 1 {
+                vec![work(&self.models[0])]
+            } else {
+                let work = &work;
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = self
+                        .models
+                        .iter()
+                        .map(|model| scope.spawn(move || work(model)))
+                        .collect();
+                    threads
+                        .into_iter()
+                        .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
+                })
+            };
+        let mut out = vec![Vec::new(); chunks.len()];
+        for done in per_model {
+            for (c, scores) in done? {
+                out[c] = scores;
+            }
         }
-        Ok(scores)
+        Ok(out)
     }
 
     /// Like [`classify_batch_blocking`](Self::classify_batch_blocking), keeping the token ids and
@@ -736,7 +823,9 @@ impl TextClassifier {
     }
 
     fn lock_model(&self) -> std::sync::MutexGuard<'_, TextModel> {
-        self.model.lock().unwrap_or_else(PoisonError::into_inner)
+        self.models[0]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -771,6 +860,9 @@ mod tests {
             }),
             "intra_threads"
         );
+        for workers in [0, MAX_WORKERS + 1] {
+            assert_eq!(setting(TextModelConfig { workers, ..d() }), "workers");
+        }
         assert_eq!(
             setting(TextModelConfig {
                 max_tokens: 513,
