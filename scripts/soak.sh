@@ -82,7 +82,8 @@ for _ in $(seq 1 120); do
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "soak: the server exited during startup:" >&2; tail -20 "$TMP/server.log" >&2; exit 1
   fi
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+  # The port accepts connections as soon as it is bound; "listening" comes after the models.
+  if grep -q "listening" "$TMP/server.log"; then break; fi
   sleep 0.5
 done
 grep -q "text model loaded" "$TMP/server.log" || { echo "soak: text model not loaded:" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }

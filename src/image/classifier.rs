@@ -8,8 +8,8 @@
 //!
 //! The model takes `image` f32 [B,3,224,224], RGB 0–255 (normalisation and softmax are in the
 //! graph) and gives `probabilities` [B,3] = NSFL, NSFW, SFW. The batcher's preparation thread
-//! turns each frame's bytes into the planar f32 tensor row; its model thread runs whatever has
-//! queued when the session is free. An animated image submits each sampled frame and takes the
+//! turns each frame's bytes into the planar f32 tensor row; a free model thread (`workers`, each
+//! with its own session) runs whatever has queued. An animated image submits each sampled frame and takes the
 //! worst score per label. The file comes from `make models`.
 
 use std::path::Path;
@@ -158,7 +158,7 @@ impl Backend for ImageBackend {
 pub struct ImageClassifier {
     /// The queue in front of the model thread (one request per frame).
     batcher: Batcher<Vec<u8>, ImageScores>,
-    /// For blocking callers (also used by the model thread).
+    /// For blocking callers (also used by the first model thread).
     model: Arc<Mutex<ImageModel>>,
     /// Chunk size for blocking batches.
     max_batch_size: usize,
@@ -174,11 +174,15 @@ impl ImageClassifier {
             intra: cfg.intra_threads,
             inter: 1,
         };
-        let session = runtime::session(&env, WHAT, &path, threads)?;
-        runtime::check_io(&session, WHAT, &path, &["image"], &["probabilities"])?;
-        check_shape(&session, &path)?;
-        let model = Arc::new(Mutex::new(ImageModel { session }));
-        let batcher = Batcher::spawn(
+        let models = (0..cfg.workers)
+            .map(|_| {
+                let session = runtime::session(&env, WHAT, &path, threads)?;
+                runtime::check_io(&session, WHAT, &path, &["image"], &["probabilities"])?;
+                check_shape(&session, &path)?;
+                Ok(Arc::new(Mutex::new(ImageModel { session })))
+            })
+            .collect::<Result<Vec<_>, InferError>>()?;
+        let batcher = Batcher::spawn_pool(
             BatcherConfig {
                 name: "image-model".into(),
                 max_batch_size: cfg.max_batch_size,
@@ -187,13 +191,16 @@ impl ImageClassifier {
                 queue_timeout: Duration::from_millis(cfg.queue_timeout_ms),
             },
             ImagePrepare,
-            ImageBackend {
-                model: model.clone(),
-            },
+            models
+                .iter()
+                .map(|model| ImageBackend {
+                    model: model.clone(),
+                })
+                .collect(),
         )?;
         Ok(ImageClassifier {
             batcher,
-            model,
+            model: models[0].clone(),
             max_batch_size: cfg.max_batch_size,
         })
     }

@@ -58,8 +58,10 @@ pub struct ImageConfig {
     /// The ONNX Runtime library; default `<models_dir>/onnxruntime/libonnxruntime.so.1.31.1`
     /// (one runtime per process: whichever model loads first decides).
     pub ort_dylib_path: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads of the image session.
+    /// ONNX Runtime intra-op threads of each image session.
     pub intra_threads: usize,
+    /// Model threads, each with its own session (each adds ~25 MB of weights and arenas).
+    pub workers: usize,
     /// Most frames in one model run.
     pub max_batch_size: usize,
     /// Frames waiting for the model beyond which images are not classified (degraded).
@@ -106,7 +108,8 @@ impl Default for ImageConfig {
             models_dir: PathBuf::from("models"),
             model_path: None,
             ort_dylib_path: None,
-            intra_threads: 2,
+            intra_threads: 1,
+            workers: 2,
             max_batch_size: 4,
             queue_capacity: 256,
             queue_timeout_ms: 2_000,
@@ -167,8 +170,9 @@ impl ImageConfig {
     /// Checks the settings and that the hash lists parse; the error names the setting
     /// (without the `image.` prefix).
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 13] = [
             ("intra_threads", self.intra_threads as u64),
+            ("workers", self.workers as u64),
             ("max_batch_size", self.max_batch_size as u64),
             ("queue_capacity", self.queue_capacity as u64),
             ("queue_timeout_ms", self.queue_timeout_ms),
@@ -185,6 +189,12 @@ impl ImageConfig {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.workers > crate::text::classifier::MAX_WORKERS {
+            return Err(format!(
+                "workers must be at most {}",
+                crate::text::classifier::MAX_WORKERS
+            ));
         }
         if self.decode_threads > Semaphore::MAX_PERMITS {
             return Err("decode_threads is too large".into());
@@ -843,5 +853,13 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.validate().is_err());
+        for workers in [0, 65] {
+            let cfg = ImageConfig {
+                workers,
+                ..Default::default()
+            };
+            let err = cfg.validate().expect_err("workers out of range accepted");
+            assert!(err.starts_with("workers must be"), "{err}");
+        }
     }
 }
