@@ -9,8 +9,8 @@
 //! The model takes `image` f32 [B,3,224,224], RGB 0–255 (normalisation and softmax are in the
 //! graph) and gives `probabilities` [B,3] = NSFL, NSFW, SFW. The batcher's preparation thread
 //! turns each frame's bytes into the planar f32 tensor row; a free model thread (`workers`, each
-//! with its own session) runs whatever has queued. An animated image submits each sampled frame and takes the
-//! worst score per label. The file comes from `make models`.
+//! with its own session) runs whatever has queued. An animated image submits each sampled frame
+//! and takes the worst score per label. The file comes from `make models`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -176,8 +176,8 @@ impl ImageClassifier {
         };
         let models = (0..cfg.workers)
             .map(|_| {
-                let session = runtime::session(&env, WHAT, &path, threads)?;
-                runtime::check_io(&session, WHAT, &path, &["image"], &["probabilities"])?;
+                let session =
+                    runtime::session(&env, WHAT, &path, threads, &["image"], &["probabilities"])?;
                 check_shape(&session, &path)?;
                 Ok(Arc::new(Mutex::new(ImageModel { session })))
             })
@@ -257,7 +257,7 @@ impl ImageClassifier {
 /// Checks the model takes [B,3,224,224], so a wrong file fails at load time.
 fn check_shape(session: &Session, path: &Path) -> Result<(), InferError> {
     let Some(input) = session.inputs().iter().find(|i| i.name() == "image") else {
-        return Ok(()); // check_io already reported it
+        return Ok(()); // runtime::session already reported it
     };
     let shape: Option<Vec<i64>> = input
         .dtype()

@@ -89,12 +89,15 @@ pub fn environment(dylib_path: &Path) -> Result<Environment, InferError> {
 }
 
 /// Builds a CPU session for the model at `model_path` with the given threads, graph optimisation
-/// level 3 and no spin-waiting between operators. `what` names the model in errors.
+/// level 3 and no spin-waiting between operators, and checks that it has the named `inputs` and
+/// `outputs` ([`check_io`]). `what` names the model in errors.
 pub fn session(
     env: &Environment,
     what: &'static str,
     model_path: &Path,
     threads: SessionThreads,
+    inputs: &[&str],
+    outputs: &[&str],
 ) -> Result<Session, InferError> {
     if !model_path.is_file() {
         return Err(InferError::MissingFile {
@@ -108,7 +111,7 @@ pub fn session(
         path: model_path.to_path_buf(),
         reason,
     };
-    Session::builder(env)
+    let session = Session::builder(env)
         .map_err(|e| load_error(e.to_string()))?
         .with_intra_threads(threads.intra)
         .map_err(|e| load_error(e.to_string()))?
@@ -121,12 +124,14 @@ pub fn session(
         .with_intra_op_spinning(false)
         .map_err(|e| load_error(e.to_string()))?
         .commit_from_file(model_path)
-        .map_err(|e| load_error(e.to_string()))
+        .map_err(|e| load_error(e.to_string()))?;
+    check_io(&session, what, model_path, inputs, outputs)?;
+    Ok(session)
 }
 
 /// Checks that `session` has the named inputs and outputs, so a wrong model file fails at load
 /// time with a clear message instead of at the first request.
-pub fn check_io(
+fn check_io(
     session: &Session,
     what: &'static str,
     model_path: &Path,

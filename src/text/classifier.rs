@@ -481,20 +481,20 @@ impl TextModel {
         minilm_pad_id: i64,
     ) -> Result<TextModel, InferError> {
         let minilm_path = dir.join("minilm/minilm-l6-v2.onnx");
-        let minilm = runtime::session(env, "MiniLM encoder", &minilm_path, threads)?;
-        runtime::check_io(
-            &minilm,
+        let minilm = runtime::session(
+            env,
             "MiniLM encoder",
             &minilm_path,
+            threads,
             &["input_ids", "attention_mask", "token_type_ids"],
             &["sentence_embedding"],
         )?;
         let toxblock_path = dir.join("toxblock/toxblock.onnx");
-        let toxblock = runtime::session(env, "tox-block model", &toxblock_path, threads)?;
-        runtime::check_io(
-            &toxblock,
+        let toxblock = runtime::session(
+            env,
             "tox-block model",
             &toxblock_path,
+            threads,
             &["input_ids"],
             &["probs"],
         )?;
