@@ -309,8 +309,9 @@ impl<Req: Send + 'static, Out: Send + 'static> Batcher<Req, Out> {
             } else {
                 format!("{}-model-{i}", config.name)
             };
-            // A thread that fails to start drops its `intake` clone; those already started
-            // serve on, and the error tells the caller.
+            // If a thread fails to start, the error returns early and drops `prep` (the sending
+            // end of `intake`), so the model threads already started see the queue close and
+            // exit.
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || model.run())
