@@ -6,9 +6,10 @@
 //! process that already loaded it could not show "library missing"), and the idle-connection
 //! test needs the server's file descriptors apart from the client's.
 //!
-//! Covered here: corrupt model files, a missing ONNX Runtime library, a full disk under the
-//! behaviour snapshot (at start-up and while serving), a client that disconnects with a batch
-//! in flight, slowloris handshakes, many idle connections and the global connection limit.
+//! Covered here: corrupt model files, valid models with the wrong tensors, a missing ONNX
+//! Runtime library, a full disk under the behaviour snapshot (at start-up and while serving),
+//! a client that disconnects with a batch in flight, slowloris handshakes, many idle
+//! connections and the global connection limit.
 //! Covered elsewhere: missing model files (`e2e::missing_model_files_degrade_instead_of_failing`),
 //! Redis down (`behaviour::a_redis_outage_degrades_verdicts_and_reconciles_after`).
 
@@ -299,21 +300,22 @@ fn toml_path(p: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // Models and runtime.
 
-/// Truncated text model and a garbage image model: the server starts, `/readyz` names the bad
-/// files, and every verdict comes with `degraded: ["text_model", "image_model"]` while the
-/// lexicon still blocks abuse.
-#[tokio::test]
-async fn corrupt_model_files_degrade_verdicts() {
+/// The text model (MiniLM) and the image model files in models/.
+const MINILM: &str = "minilm/minilm-l6-v2.onnx";
+const IMAGE_MODEL: &str = "image/image-safety-classifier-s.onnx";
+
+/// A directory with the layout of models/, every file a link to the real one except the text
+/// and image models ([`MINILM`], [`IMAGE_MODEL`]), which the test writes; `None` when models/
+/// is not set up (the test is then skipped, as it says).
+fn models_but_the_two() -> Option<tempfile::TempDir> {
     if !ort_dylib().is_file() {
         eprintln!(
             "SKIPPED: {} missing (run `make models`)",
             ort_dylib().display()
         );
-        return;
+        return None;
     }
     let models = tempfile::tempdir().expect("tempdir");
-    let real = models_dir();
-    // The layout of models/, every file a link to the real one except the two broken models.
     for sub in ["minilm", "toxblock", "head", "image"] {
         std::fs::create_dir(models.path().join(sub)).expect("mkdir");
     }
@@ -323,23 +325,20 @@ async fn corrupt_model_files_degrade_verdicts() {
         "toxblock/toxblock_tokenizer.json",
         "head/text_head.json",
     ] {
-        std::os::unix::fs::symlink(real.join(file), models.path().join(file)).expect("symlink");
+        std::os::unix::fs::symlink(models_dir().join(file), models.path().join(file))
+            .expect("symlink");
     }
-    let minilm = std::fs::read(real.join("minilm/minilm-l6-v2.onnx")).expect("read minilm");
-    std::fs::write(
-        models.path().join("minilm/minilm-l6-v2.onnx"),
-        &minilm[..minilm.len().min(64 << 10)],
-    )
-    .expect("write truncated model");
-    std::fs::write(
-        models.path().join("image/image-safety-classifier-s.onnx"),
-        b"this is not an ONNX model\x00\xff\xfe".repeat(100),
-    )
-    .expect("write garbage model");
+    Some(models)
+}
+
+/// Starts the server with both models enabled from `models` and checks that `/readyz` says
+/// ready (models are optional) with both model stages unavailable for a reason that names the
+/// model file and says `why`.
+async fn start_with_unloadable_models(models: &Path, why: &str) -> Proc {
     let config = format!(
         "[text_model]\nenabled = true\nmodels_dir = {m}\nort_dylib_path = {o}\n\
          [image]\nmodel_enabled = true\nmodels_dir = {m}\nort_dylib_path = {o}\n",
-        m = toml_path(models.path()),
+        m = toml_path(models),
         o = toml_path(&ort_dylib()),
     );
     let mut server = Proc::start(&config);
@@ -352,10 +351,35 @@ async fn corrupt_model_files_degrade_verdicts() {
     ] {
         let reason = ready["stages"][stage].as_str().unwrap_or("");
         assert!(
-            reason.starts_with("unavailable: cannot load") && reason.contains(file),
-            "{stage}: {body}"
+            reason.starts_with("unavailable: cannot load")
+                && reason.contains(file)
+                && reason.contains(why),
+            "{stage} should be unavailable with {why:?}: {body}"
         );
     }
+    server
+}
+
+/// Truncated text model and a garbage image model: the server starts, `/readyz` names the bad
+/// files, and every verdict comes with `degraded: ["text_model", "image_model"]` while the
+/// lexicon still blocks abuse.
+#[tokio::test]
+async fn corrupt_model_files_degrade_verdicts() {
+    let Some(models) = models_but_the_two() else {
+        return;
+    };
+    let minilm = std::fs::read(models_dir().join(MINILM)).expect("read minilm");
+    std::fs::write(
+        models.path().join(MINILM),
+        &minilm[..minilm.len().min(64 << 10)],
+    )
+    .expect("write truncated model");
+    std::fs::write(
+        models.path().join(IMAGE_MODEL),
+        b"this is not an ONNX model\x00\xff\xfe".repeat(100),
+    )
+    .expect("write garbage model");
+    let mut server = start_with_unloadable_models(models.path(), "").await;
     let mut ws = server.connect().await;
     let v = moderate(
         &mut ws,
@@ -369,6 +393,33 @@ async fn corrupt_model_files_degrade_verdicts() {
     let v = moderate(&mut ws, "c2", json!({"text":"hello there"})).await;
     assert_eq!(v["degraded"], json!(["text_model"]), "{v}");
     assert_eq!(v["action"], "allow", "{v}");
+    server.assert_alive();
+}
+
+/// Valid ONNX files that are the wrong models (the tox-block text model where MiniLM belongs,
+/// MiniLM where the image model belongs): they load, but lack the tensors chatguard feeds and
+/// reads, so they are refused at start-up with the missing tensor names rather than failing
+/// at the first request; verdicts come degraded.
+#[tokio::test]
+async fn valid_models_with_the_wrong_tensors_are_refused_at_load() {
+    let Some(models) = models_but_the_two() else {
+        return;
+    };
+    for (file, other) in [(MINILM, "toxblock/toxblock.onnx"), (IMAGE_MODEL, MINILM)] {
+        std::os::unix::fs::symlink(models_dir().join(other), models.path().join(file))
+            .expect("symlink");
+    }
+    let mut server =
+        start_with_unloadable_models(models.path(), "model lacks input/output tensors").await;
+    let mut ws = server.connect().await;
+    let v = moderate(
+        &mut ws,
+        "w1",
+        json!({"text":"go fuck yourself","images":[{"id":"i1","data":png_b64()}]}),
+    )
+    .await;
+    assert_eq!(v["degraded"], json!(["text_model", "image_model"]), "{v}");
+    assert_ne!(v["action"], "allow", "the lexicon still works: {v}");
     server.assert_alive();
 }
 
