@@ -341,7 +341,7 @@ async fn start_with_unloadable_models(models: &Path, why: &str) -> Proc {
         m = toml_path(models),
         o = toml_path(&ort_dylib()),
     );
-    let mut server = Proc::start(&config);
+    let server = Proc::start(&config);
     let (status, body) = server.admin_get("/readyz").await;
     assert_eq!(status, 200, "models are optional for readiness: {body}");
     let ready: Value = serde_json::from_str(&body).expect("readyz JSON");
