@@ -15,7 +15,7 @@
 //! dropped. The file format is documented in `wordlists/README.md`.
 
 use super::normalize::{
-    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced, zero_bytes,
+    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, PAD, is_unspaced, zero_bytes,
 };
 use super::{Match, Severity};
 use aho_corasick::automaton::{Automaton, StateID};
@@ -395,7 +395,7 @@ impl Lexicon {
         let chains = norm.chains();
         let (raw, allow) = (&mut scratch.raw, &mut scratch.allow);
         if let Some(words) = &inner.words {
-            inner.search_words(words, bytes, runs, chains, raw, allow);
+            inner.search_words(words, norm.padded_bytes(), bytes, runs, chains, raw, allow);
         }
         if let Some(latin) = &inner.latin
             && latin.may_occur(bytes)
@@ -1055,9 +1055,11 @@ impl Inner {
     /// word start: walks from each word start (and each position inside a chain) only, and
     /// keeps the occurrences starting there. Finds the same occurrences that an unanchored
     /// walk would find and [`bounds_ok`] would pass.
+    #[allow(clippy::too_many_arguments)]
     fn search_words(
         &self,
         searcher: &Searcher,
+        padded: &[u8],
         bytes: &[u8],
         runs: &[u8],
         chains: &[(u32, u32)],
@@ -1083,33 +1085,26 @@ impl Inner {
             }
             return;
         }
-        // No chain: the word starts only, found 64 bytes at a time, and the ones the first
-        // prefix test lets through listed without branching on it; the second test, dearer
-        // and needed by few, runs on the listed ones.
+        // No chain: the word starts only, found 64 bytes at a time (the last block padded,
+        // so that every block takes the same branch-free vector compares), and the ones the
+        // first prefix test lets through listed without branching on it; the second test,
+        // dearer and needed by few, runs on the listed ones.
         let mut carry = 1u64;
-        for (chunk, base) in bytes.chunks(64).zip((0..).step_by(64)) {
+        let blocks = padded.chunks_exact(PAD).take(bytes.len().div_ceil(PAD));
+        for (block, base) in blocks.zip((0..).step_by(PAD)) {
+            let block: &[u8; PAD] = block.try_into().expect("64 bytes");
+            // Eight bytes at a time (SWAR), eight times.
             let mut spaces = 0u64;
-            if let Ok(full) = <&[u8; 64]>::try_from(chunk) {
-                // Fixed length: the compiler turns this into vector compares.
-                for (i, &b) in full.iter().enumerate() {
-                    spaces |= u64::from(b == b' ') << i;
-                }
-            } else {
-                // Eight bytes at a time (SWAR), then the last few one by one.
-                let mut words = chunk.chunks_exact(8);
-                for (k, word) in words.by_ref().enumerate() {
-                    let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                    spaces |= space_bits(v) << (8 * k);
-                }
-                let done = chunk.len() & !7;
-                for (i, &b) in words.remainder().iter().enumerate() {
-                    spaces |= u64::from(b == b' ') << (done + i);
-                }
+            for (k, word) in block.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                spaces |= space_bits(v) << (8 * k);
             }
             let mut starts = spaces << 1 | carry;
             carry = spaces >> 63;
-            if chunk.len() < 64 {
-                starts &= (1u64 << chunk.len()) - 1;
+            let left = bytes.len() - base;
+            if left < PAD {
+                // The padding holds no text.
+                starts &= (1u64 << left) - 1;
             }
             // Offsets in the chunk, with the top bit set where only long patterns may start
             // (`LONG_ONLY << 6`).
@@ -1580,6 +1575,37 @@ mod tests {
         for w in ["the weather is nice", "lol", "ok"] {
             assert!(skipped.contains(&w), "{w:?} is walked: {skipped:?}");
         }
+    }
+
+    #[test]
+    fn a_reused_scratch_scans_like_a_fresh_one() {
+        // Word starts are read from whole 64-byte blocks of the folded text, past its end
+        // too (what an earlier, longer text left there, spaces included): every length and
+        // every place of a match around the block edges, after a long text of one-letter
+        // words and after one with no space at all.
+        let lex = Lexicon::embedded().unwrap();
+        let mut scratch = Scratch::default();
+        let mut out = Vec::new();
+        let mut texts = Vec::new();
+        for len in 0..140 {
+            texts.push("a ".repeat(100));
+            texts.push("x".repeat(len));
+            texts.push("ab ".repeat(70));
+            texts.push(format!("{} fuck you", "y".repeat(len)));
+            texts.push(format!(
+                "{}fuck {}",
+                "o ".repeat(len / 2),
+                "z".repeat(len % 7)
+            ));
+            texts.push("ok ".repeat(len / 3) + "kill yourself");
+        }
+        let mut found = 0;
+        for text in &texts {
+            lex.scan_into(text, &mut scratch, &mut out);
+            assert_eq!(out, lex.scan(text), "{text:?}");
+            found += out.len();
+        }
+        assert!(found >= 3 * 140, "{found}");
     }
 
     #[test]

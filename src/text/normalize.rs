@@ -364,6 +364,9 @@ fn mixed_token<const MAP: bool>(
 }
 
 /// Makes `v` at least `len` long (new elements zero); never shrinks it.
+/// [`Normalized::padded_bytes`]: the folded text is readable in blocks of this many bytes.
+pub(crate) const PAD: usize = 64;
+
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
@@ -605,6 +608,7 @@ impl Normalized {
         };
         b.run(text);
         self.len = self.text.len();
+        grow(&mut self.text, self.len.next_multiple_of(PAD));
     }
 
     /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
@@ -624,7 +628,7 @@ impl Normalized {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
-        grow(&mut n.text, len);
+        grow(&mut n.text, len.next_multiple_of(PAD));
         grow(&mut n.runs, len);
         if MAP {
             grow(&mut n.starts, len);
@@ -882,6 +886,12 @@ impl Normalized {
     /// The folded text as bytes (what the lexicon searches).
     pub fn as_bytes(&self) -> &[u8] {
         &self.text[..self.len]
+    }
+
+    /// The folded text followed by [`PAD`]ding to a multiple of 64 bytes (whatever bytes an
+    /// earlier text left there), so that the lexicon can read whole 64-byte blocks.
+    pub(crate) fn padded_bytes(&self) -> &[u8] {
+        &self.text[..self.len.next_multiple_of(PAD)]
     }
 
     /// Length of the folded text in bytes.
