@@ -360,6 +360,20 @@ async fn start_with_unloadable_models(models: &Path, why: &str) -> Proc {
     server
 }
 
+/// Sends abuse with an image (id `i1`) as request `id` to a server whose both models are
+/// unavailable: the verdict says both are degraded, and the lexicon still does not allow it.
+async fn abuse_with_an_image_degraded(ws: &mut Ws, id: &str) -> Value {
+    let v = moderate(
+        ws,
+        id,
+        json!({"text":"go fuck yourself","images":[{"id":"i1","data":png_b64()}]}),
+    )
+    .await;
+    assert_eq!(v["degraded"], json!(["text_model", "image_model"]), "{v}");
+    assert_ne!(v["action"], "allow", "the lexicon still works: {v}");
+    v
+}
+
 /// Truncated text model and a garbage image model: the server starts, `/readyz` names the bad
 /// files, and every verdict comes with `degraded: ["text_model", "image_model"]` while the
 /// lexicon still blocks abuse.
@@ -381,14 +395,7 @@ async fn corrupt_model_files_degrade_verdicts() {
     .expect("write garbage model");
     let mut server = start_with_unloadable_models(models.path(), "").await;
     let mut ws = server.connect().await;
-    let v = moderate(
-        &mut ws,
-        "c1",
-        json!({"text":"go fuck yourself","images":[{"id":"i1","data":png_b64()}]}),
-    )
-    .await;
-    assert_eq!(v["degraded"], json!(["text_model", "image_model"]), "{v}");
-    assert_ne!(v["action"], "allow", "the lexicon still works: {v}");
+    let v = abuse_with_an_image_degraded(&mut ws, "c1").await;
     assert_eq!(v["images"][0]["id"], "i1", "{v}");
     let v = moderate(&mut ws, "c2", json!({"text":"hello there"})).await;
     assert_eq!(v["degraded"], json!(["text_model"]), "{v}");
@@ -412,14 +419,7 @@ async fn valid_models_with_the_wrong_tensors_are_refused_at_load() {
     let mut server =
         start_with_unloadable_models(models.path(), "model lacks input/output tensors").await;
     let mut ws = server.connect().await;
-    let v = moderate(
-        &mut ws,
-        "w1",
-        json!({"text":"go fuck yourself","images":[{"id":"i1","data":png_b64()}]}),
-    )
-    .await;
-    assert_eq!(v["degraded"], json!(["text_model", "image_model"]), "{v}");
-    assert_ne!(v["action"], "allow", "the lexicon still works: {v}");
+    abuse_with_an_image_degraded(&mut ws, "w1").await;
     server.assert_alive();
 }
 
@@ -448,14 +448,7 @@ async fn missing_onnx_runtime_library_degrades_verdicts() {
         "{body}"
     );
     let mut ws = server.connect().await;
-    let v = moderate(
-        &mut ws,
-        "o1",
-        json!({"text":"go fuck yourself","images":[{"id":"i1","data":png_b64()}]}),
-    )
-    .await;
-    assert_eq!(v["degraded"], json!(["text_model", "image_model"]), "{v}");
-    assert_ne!(v["action"], "allow", "{v}");
+    abuse_with_an_image_degraded(&mut ws, "o1").await;
     for i in 0..20 {
         let v = moderate(&mut ws, &format!("o{}", i + 2), json!({"text":"hi"})).await;
         assert_eq!(v["degraded"], json!(["text_model"]), "{v}");
