@@ -1086,9 +1086,10 @@ impl Inner {
             return;
         }
         // No chain: the word starts only, found 64 bytes at a time (the last block padded,
-        // so that every block takes the same branch-free vector compares), and the ones the
-        // first prefix test lets through listed without branching on it; the second test,
-        // dearer and needed by few, runs on the listed ones.
+        // so that every block takes the same eight SWAR steps, with no loop whose count
+        // depends on the length), and the ones the first prefix test lets through listed
+        // without branching on it; the second test, dearer and needed by few, runs on the
+        // listed ones.
         let mut carry = 1u64;
         let blocks = padded.chunks_exact(PAD).take(bytes.len().div_ceil(PAD));
         for (block, base) in blocks.zip((0..).step_by(PAD)) {
@@ -1106,7 +1107,7 @@ impl Inner {
                 // The padding holds no text.
                 starts &= (1u64 << left) - 1;
             }
-            // Offsets in the chunk, with the top bit set where only long patterns may start
+            // Offsets in the block, with the top bit set where only long patterns may start
             // (`LONG_ONLY << 6`).
             let mut list = [0u8; 64];
             let mut n = 0;

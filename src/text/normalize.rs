@@ -363,10 +363,10 @@ fn mixed_token<const MAP: bool>(
     Some(end)
 }
 
-/// Makes `v` at least `len` long (new elements zero); never shrinks it.
 /// [`Normalized::padded_bytes`]: the folded text is readable in blocks of this many bytes.
 pub(crate) const PAD: usize = 64;
 
+/// Makes `v` at least `len` long (new elements zero); never shrinks it.
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
