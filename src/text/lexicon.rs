@@ -762,10 +762,11 @@ fn space_bits(v: u64) -> u64 {
 
 /// Per first bytes of a walk: whether it may find something.
 struct Prefixes {
-    /// Two bits per hash of four bytes ([`prefix4_index`]): [`ALIVE`] unless for every four
-    /// bytes with that hash a walk over them dies without passing a match; [`LONG_ONLY`]
-    /// too when, besides, every pattern such a walk may find is at least [`LONG`] bytes long,
-    /// so that [`Prefixes::long`] decides.
+    /// Two bits per four byte classes ([`prefix4_index`], 150 KiB): [`ALIVE`] unless a walk
+    /// over such four bytes dies without passing a match; [`LONG_ONLY`] too when, besides,
+    /// every pattern such a walk may find is at least [`LONG`] bytes long, so that
+    /// [`Prefixes::long`] decides. Exact, not hashed: a 16-bit hash let a third of the
+    /// dead four-byte starts through (collisions), each a walk for nothing.
     four: Box<[u64]>,
     /// One bit per hash of eight bytes ([`prefix8_index`]): set for the first eight bytes of
     /// each pattern at least [`LONG`] bytes long. Phrases such as `the world would …` keep the
@@ -850,12 +851,14 @@ fn classes<const N: usize>(b: [u8; N]) -> [usize; N] {
     b.map(|b| usize::from(PREFIX_CLASS[usize::from(b)]))
 }
 
-/// Index into [`Prefixes::four`] of the four bytes `b`: a 16-bit hash of their classes.
+/// Number of [`prefix4_index`]es: one per four classes.
+const FOUR: usize = PREFIX_CLASSES.pow(4);
+
+/// Index into [`Prefixes::four`] of the four bytes `b`: their classes, one number each.
 #[inline]
 fn prefix4_index(b: [u8; 4]) -> usize {
     let [x, y, z, w] = classes(b);
-    let key = (((x * PREFIX_CLASSES + y) * PREFIX_CLASSES + z) * PREFIX_CLASSES + w) as u32;
-    (key.wrapping_mul(0x9E37_79B1) >> 16) as usize
+    ((x * PREFIX_CLASSES + y) * PREFIX_CLASSES + z) * PREFIX_CLASSES + w
 }
 
 /// Index into [`Prefixes::long`] of the eight bytes `b`: a 16-bit hash of them.
@@ -911,7 +914,7 @@ fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
     let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
     let bits = |n: usize| vec![0u64; n.div_ceil(64)];
     // `four` as two bit sets: whether alive, whether some short pattern may start there.
-    let (mut alive, mut short, mut long) = (bits(1 << 16), bits(1 << 16), bits(1 << 16));
+    let (mut alive, mut short, mut long) = (bits(FOUR), bits(FOUR), bits(1 << 16));
     let n = PREFIX_CLASSES + 1;
     let mut end = bits(n * n * n);
     for x in 0..PREFIX_CLASSES {
@@ -961,8 +964,8 @@ fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
             set(&mut short, prefix4_index(four));
         }
     }
-    let mut four = vec![0u64; (1 << 16) / 32];
-    for k in 0..1 << 16 {
+    let mut four = vec![0u64; FOUR.div_ceil(32)];
+    for k in 0..FOUR {
         if bit(&alive, k) {
             let long_only = if bit(&short, k) { 0 } else { LONG_ONLY };
             four[k / 32] |= u64::from(ALIVE | long_only) << (k % 32 * 2);
