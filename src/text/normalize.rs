@@ -282,6 +282,25 @@ static ASCII: [AsciiClass; 128] = {
     t
 };
 
+/// The eight bytes of `bytes` from `i` on, as a little-endian word; past the end, zero bytes
+/// (not letters).
+#[inline(always)]
+fn load8(bytes: &[u8], i: usize) -> u64 {
+    if let Some(b) = bytes.get(i..i + 8) {
+        return u64::from_le_bytes(b.try_into().expect("eight bytes"));
+    }
+    let len = bytes.len();
+    if len >= 8 {
+        // The last eight bytes, shifted down to start at `i`.
+        let last = u64::from_le_bytes(bytes[len - 8..].try_into().expect("eight bytes"));
+        return last >> (8 * (i + 8 - len));
+    }
+    bytes[i..]
+        .iter()
+        .enumerate()
+        .fold(0, |v, (k, &b)| v | u64::from(b) << (8 * k))
+}
+
 /// For the fast path: writes the folded char `c`, which input byte `i` stands for, at `*w`
 /// (with its offsets when `MAP`) and moves `*w` on.
 #[inline(always)]
@@ -628,13 +647,13 @@ impl Normalized {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
-        grow(&mut n.text, len.next_multiple_of(PAD));
-        grow(&mut n.runs, len);
+        grow(&mut n.text, (len + 8).next_multiple_of(PAD));
+        grow(&mut n.runs, len + 8);
         if MAP {
             grow(&mut n.starts, len);
             grow(&mut n.ends, len);
         }
-        let (out, runs) = (&mut n.text[..len], &mut n.runs[..len]);
+        let (out, runs) = (&mut n.text[..len + 8], &mut n.runs[..len + 8]);
         let (starts, ends): (&mut [u32], &mut [u32]) = if MAP {
             (&mut n.starts[..len], &mut n.ends[..len])
         } else {
@@ -689,13 +708,12 @@ impl Normalized {
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
                 loop {
-                    if !MAP && i + 8 <= len {
+                    if !MAP {
                         // Eight bytes at a time: the letters among them up to the first
                         // repeat are written at once (the rest of the eight bytes written is
                         // garbage that later writes overwrite or that ends up past `len`:
                         // `w <= i`).
-                        let v =
-                            u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
+                        let v = load8(bytes, i);
                         let lower = v | 0x2020_2020_2020_2020;
                         let letters = (!letter_bytes(v) & HIGH_BITS).trailing_zeros() / 8;
                         debug_assert!(letters > 0, "the loop is entered at a letter");
