@@ -650,12 +650,12 @@ impl Normalized {
         grow(&mut n.text, (len + 8).next_multiple_of(PAD));
         grow(&mut n.runs, len + 8);
         if MAP {
-            grow(&mut n.starts, len);
-            grow(&mut n.ends, len);
+            grow(&mut n.starts, len + 8);
+            grow(&mut n.ends, len + 8);
         }
         let (out, runs) = (&mut n.text[..len + 8], &mut n.runs[..len + 8]);
         let (starts, ends): (&mut [u32], &mut [u32]) = if MAP {
-            (&mut n.starts[..len], &mut n.ends[..len])
+            (&mut n.starts[..len + 8], &mut n.ends[..len + 8])
         } else {
             (&mut [], &mut [])
         };
@@ -708,41 +708,39 @@ impl Normalized {
                 // The letters up to the next non-letter, in a loop of their own.
                 let from = i;
                 loop {
-                    if !MAP {
-                        // Eight bytes at a time: the letters among them up to the first
-                        // repeat are written at once (the rest of the eight bytes written is
-                        // garbage that later writes overwrite or that ends up past `len`:
-                        // `w <= i`).
-                        let v = load8(bytes, i);
-                        let lower = v | 0x2020_2020_2020_2020;
-                        let letters = (!letter_bytes(v) & HIGH_BITS).trailing_zeros() / 8;
-                        debug_assert!(letters > 0, "the loop is entered at a letter");
-                        let repeats = zero_bytes(lower ^ (lower << 8 | u64::from(last)));
-                        let fresh = letters.min(repeats.trailing_zeros() / 8) as usize;
-                        out[w..w + 8].copy_from_slice(&lower.to_le_bytes());
-                        runs[w..w + 8].copy_from_slice(&[1; 8]);
-                        w += fresh;
-                        i += fresh;
-                        if fresh < letters as usize {
-                            // A repeat: the run grows (`fresh` may be 0: `a'aa`).
-                            runs[w - 1] = runs[w - 1].saturating_add(1);
-                            i += 1;
-                        } else if letters < 8 {
-                            // The word ends inside the eight bytes (most words).
-                            last = bytes[i - 1] | 0x20;
-                            break;
-                        }
-                        last = bytes[i - 1] | 0x20;
-                    } else {
-                        let c = bytes[i] | 0x20;
-                        if c == last {
-                            repeat::<MAP>(runs, ends, w, i);
-                        } else {
-                            put::<MAP>(out, runs, starts, ends, &mut w, i, c);
-                            last = c;
+                    // Eight bytes at a time: the letters among them up to the first
+                    // repeat are written at once, with their offsets when `MAP` (the rest
+                    // of the eight bytes written is garbage that later writes overwrite or
+                    // that ends up past `len`: `w <= i`).
+                    let v = load8(bytes, i);
+                    let lower = v | 0x2020_2020_2020_2020;
+                    let letters = (!letter_bytes(v) & HIGH_BITS).trailing_zeros() / 8;
+                    debug_assert!(letters > 0, "the loop is entered at a letter");
+                    let repeats = zero_bytes(lower ^ (lower << 8 | u64::from(last)));
+                    let fresh = letters.min(repeats.trailing_zeros() / 8) as usize;
+                    out[w..w + 8].copy_from_slice(&lower.to_le_bytes());
+                    runs[w..w + 8].copy_from_slice(&[1; 8]);
+                    if MAP {
+                        let at = i as u32;
+                        let s8: [u32; 8] = std::array::from_fn(|k| at + k as u32);
+                        starts[w..w + 8].copy_from_slice(&s8);
+                        ends[w..w + 8].copy_from_slice(&s8.map(|x| x + 1));
+                    }
+                    w += fresh;
+                    i += fresh;
+                    if fresh < letters as usize {
+                        // A repeat: the run grows (`fresh` may be 0: `a'aa`).
+                        runs[w - 1] = runs[w - 1].saturating_add(1);
+                        if MAP {
+                            ends[w - 1] = i as u32 + 1;
                         }
                         i += 1;
+                    } else if letters < 8 {
+                        // The word ends inside the eight bytes (most words).
+                        last = bytes[i - 1] | 0x20;
+                        break;
                     }
+                    last = bytes[i - 1] | 0x20;
                     match bytes.get(i) {
                         Some(&next) if SIMPLE[usize::from(next)] == Simple::Letter => {}
                         _ => break,
