@@ -638,11 +638,18 @@ impl Lexicon {
                 latin.push(i);
             }
         }
-        let latin = Searcher::build(&b.patterns, latin, StartKind::Unanchored)?;
-        let words = Searcher::build(&b.patterns, words, StartKind::Anchored)?;
-        let censored = Searcher::build(&b.patterns, censored, StartKind::Unanchored)?;
-        let digits = Searcher::build(&b.patterns, digits, StartKind::Unanchored)?;
-        let other = Searcher::build(&b.patterns, other, StartKind::Unanchored)?;
+        // Per pattern: whether every entry it stands for must end at a word end.
+        let end_bound: Vec<bool> = b
+            .pattern_cands
+            .iter()
+            .map(|list| list.iter().all(|c| b.entries[c.entry as usize].bound_end))
+            .collect();
+        let build = |ids, kind| Searcher::build(&b.patterns, &end_bound, ids, kind);
+        let latin = build(latin, StartKind::Unanchored)?;
+        let words = build(words, StartKind::Anchored)?;
+        let censored = build(censored, StartKind::Unanchored)?;
+        let digits = build(digits, StartKind::Unanchored)?;
+        let other = build(other, StartKind::Unanchored)?;
         let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
         let mut cands = Vec::new();
         for list in b.pattern_cands {
@@ -762,12 +769,23 @@ fn space_bits(v: u64) -> u64 {
 
 /// Per first bytes of a walk: whether it may find something.
 struct Prefixes {
+    /// Like `any`, for a text without chains (the only kind whose word starts
+    /// [`Inner::search_words`] lists), where a pattern that must end at a word end is found
+    /// only before a space or the end of the text: `con` does not keep `conf…` alive, and
+    /// a walk from `anal…` needs a fifth byte that a pattern goes on with, or a space
+    /// ([`SPACE5`]). Most of the walks it saves would find such a word and fail
+    /// [`bounds_ok`] (`analysis`, `cocktail`, `title`).
+    four: Box<[u64]>,
+    /// For the [`SPACE5`] entries of `four`, by [`prefix4_index`] (sorted): the classes the
+    /// fifth byte may have (bit 26: space), so that a walk from `anal…` happens only for
+    /// `anal`, `anal retentive` and the like, not for `analysis`.
+    fifth: Box<[(u32, u32)]>,
     /// Two bits per four byte classes ([`prefix4_index`], 150 KiB): [`ALIVE`] unless a walk
     /// over such four bytes dies without passing a match; [`LONG_ONLY`] too when, besides,
     /// every pattern such a walk may find is at least [`LONG`] bytes long, so that
     /// [`Prefixes::long`] decides. Exact, not hashed: a 16-bit hash let a third of the
     /// dead four-byte starts through (collisions), each a walk for nothing.
-    four: Box<[u64]>,
+    any: Box<[u64]>,
     /// One bit per hash of eight bytes ([`prefix8_index`]): set for the first eight bytes of
     /// each pattern at least [`LONG`] bytes long. Phrases such as `the world would …` keep the
     /// four-byte test passing for every `the w…`; this one stops most of those walks.
@@ -782,6 +800,9 @@ struct Prefixes {
 const ALIVE: u8 = 1;
 /// [`Prefixes::four`]: every pattern a walk over such four bytes may find is long.
 const LONG_ONLY: u8 = 2;
+/// [`Prefixes::four`], alone: a walk over such four bytes finds a pattern only if the text
+/// ends there or its fifth byte is one of [`Prefixes::fifth`].
+const SPACE5: u8 = 2;
 
 /// Patterns shorter than this are found by walking; the others are first looked up by their
 /// first `LONG` bytes in [`Prefixes::long`].
@@ -791,35 +812,54 @@ impl Prefixes {
     /// What a walk from the start of `bytes` may come to, by its first four bytes only
     /// ([`ALIVE`], [`LONG_ONLY`]; cheap enough to run on every word start). Fewer bytes:
     /// `ALIVE`, for [`Prefixes::may_find`] to decide.
+    /// In a text without chains; by [`Prefixes::four`] (`0` or [`ALIVE`],
+    /// `ALIVE | LONG_ONLY`, [`SPACE5`]).
     #[inline]
     fn may_start(&self, bytes: &[u8]) -> u8 {
+        Self::lookup(&self.four, bytes)
+    }
+
+    #[inline]
+    fn lookup(four: &[u64], bytes: &[u8]) -> u8 {
         match *bytes {
             [x, y, z, w, ..] => {
                 let k = prefix4_index([x, y, z, w]);
-                (self.four[k / 32] >> (k % 32 * 2)) as u8 & (ALIVE | LONG_ONLY)
+                (four[k / 32] >> (k % 32 * 2)) as u8 & 3
             }
             _ => ALIVE,
         }
     }
 
-    /// For a start that [`Prefixes::may_start`] lets through, with `long_only` as it said:
-    /// whether a walk may find something, by the first eight bytes or, at the end of the
-    /// text, the last few.
+    /// For a start that [`Prefixes::may_start`] lets through, with what it said (`start`):
+    /// whether a walk may find something, by the first eight bytes, the fifth, or, at the
+    /// end of the text, the last few.
     #[inline]
-    fn may_find(&self, bytes: &[u8], long_only: bool) -> bool {
-        if long_only {
+    fn may_find(&self, bytes: &[u8], start: u8) -> bool {
+        match start {
+            ALIVE => bytes.len() >= 4 || bit(&self.end, end_index(bytes)),
+            SPACE5 => match *bytes {
+                [x, y, z, w, next, ..] => {
+                    let k = prefix4_index([x, y, z, w]) as u32;
+                    let at = self.fifth.partition_point(|&(key, _)| key < k);
+                    let class = classes([next])[0];
+                    self.fifth
+                        .get(at)
+                        .is_some_and(|&(key, mask)| key == k && mask >> class & 1 != 0)
+                }
+                _ => true,
+            },
             // Fewer than `LONG` bytes left: no long pattern fits.
-            return bytes
+            _ => bytes
                 .first_chunk::<LONG>()
-                .is_some_and(|first| bit(&self.long, prefix8_index(first)));
+                .is_some_and(|first| bit(&self.long, prefix8_index(first))),
         }
-        bytes.len() >= 4 || bit(&self.end, end_index(bytes))
     }
 
-    /// Both tests at once: whether a walk from the start of `bytes` may find something.
+    /// Both tests at once, by [`Prefixes::any`] (texts with chains): whether a walk from the
+    /// start of `bytes` may find something.
     fn may_walk(&self, bytes: &[u8]) -> bool {
-        let start = self.may_start(bytes);
-        start != 0 && self.may_find(bytes, start & LONG_ONLY != 0)
+        let start = Self::lookup(&self.any, bytes);
+        start != 0 && self.may_find(bytes, start)
     }
 }
 
@@ -876,9 +916,10 @@ fn end_index(b: &[u8]) -> usize {
     (class(0) * n + class(1)) * n + class(2)
 }
 
-/// The [`Prefixes`] of the anchored `dfa` over `patterns`, or `None` when some pattern holds
-/// a byte other than `a..=z` and space.
-fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
+/// The [`Prefixes`] of the anchored `dfa` over `patterns` (with, per pattern, whether every
+/// entry it stands for must end at a word end), or `None` when some pattern holds a byte
+/// other than `a..=z` and space.
+fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Prefixes> {
     if !patterns
         .iter()
         .all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b == b' '))
@@ -897,61 +938,105 @@ fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
         Dead,
         Matched,
         Alive(StateID),
+        /// At a state where patterns that start where the walk did end, all of them bound
+        /// to a word end: they count only if a space comes next.
+        Bound(StateID),
     }
-    let step = |walk: Walk, b: u8| match walk {
-        Walk::Alive(sid) => {
+    // `bounded`: whether to tell `Bound` from `Matched` (texts without chains).
+    let step = |walk: Walk, b: u8, depth: usize, bounded: bool| match walk {
+        Walk::Bound(_) if b == b' ' => Walk::Matched,
+        Walk::Alive(sid) | Walk::Bound(sid) => {
             let sid = dfa.next_state(Anchored::Yes, sid, b);
             if dfa.is_dead(sid) {
-                Walk::Dead
-            } else if dfa.is_match(sid) {
-                Walk::Matched
-            } else {
-                Walk::Alive(sid)
+                return Walk::Dead;
+            }
+            if !dfa.is_match(sid) {
+                return Walk::Alive(sid);
+            }
+            if !bounded {
+                return Walk::Matched;
+            }
+            // The patterns found here that start where the walk did: `depth` bytes long.
+            let (mut found, mut free) = (false, false);
+            for k in 0..dfa.match_len(sid) {
+                let pid = dfa.match_pattern(sid, k);
+                if dfa.pattern_len(pid) == depth {
+                    found = true;
+                    free |= !end_bound[pid.as_usize()];
+                }
+            }
+            match (found, free) {
+                (_, true) => Walk::Matched,
+                (true, false) => Walk::Bound(sid),
+                (false, false) => Walk::Alive(sid),
             }
         }
         done => done,
     };
+    // The classes a walk at `sid` may go on with, and the space.
+    let next_classes = |sid: StateID| {
+        (0..PREFIX_CLASSES)
+            .filter(|&c| !dfa.is_dead(dfa.next_state(Anchored::Yes, sid, rep(c))))
+            .fold(1u32 << 26, |mask, c| mask | 1 << c)
+    };
+    let mut fifth = Vec::new();
     let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
     let bits = |n: usize| vec![0u64; n.div_ceil(64)];
-    // `four` as two bit sets: whether alive, whether some short pattern may start there.
-    let (mut alive, mut short, mut long) = (bits(FOUR), bits(FOUR), bits(1 << 16));
+    // `four` and `any` as bit sets: whether alive, whether some short pattern may start
+    // there; `space5`: alive only by the fifth byte (`fifth`).
+    let (mut any, mut alive, mut space5) = (bits(FOUR), bits(FOUR), bits(FOUR));
+    let (mut short_any, mut short) = (bits(FOUR), bits(FOUR));
+    let mut long = bits(1 << 16);
     let n = PREFIX_CLASSES + 1;
     let mut end = bits(n * n * n);
     for x in 0..PREFIX_CLASSES {
-        let walk = step(Walk::Alive(start), rep(x));
-        if walk == Walk::Matched {
+        let wx = step(Walk::Alive(start), rep(x), 1, false);
+        let bx = step(Walk::Alive(start), rep(x), 1, true);
+        if wx == Walk::Matched {
             set(&mut end, end_index(&[rep(x)]));
         }
         for y in 0..PREFIX_CLASSES {
-            let walk = step(walk, rep(y));
-            if walk == Walk::Matched {
+            let wy = step(wx, rep(y), 2, false);
+            let by = step(bx, rep(y), 2, true);
+            if wy == Walk::Matched {
                 set(&mut end, end_index(&[rep(x), rep(y)]));
             }
             for z in 0..PREFIX_CLASSES {
                 let bytes = [rep(x), rep(y), rep(z)];
-                let walk = step(walk, rep(z));
-                if walk == Walk::Dead {
+                let wz = step(wy, rep(z), 3, false);
+                let bz = step(by, rep(z), 3, true);
+                if wz == Walk::Dead {
                     continue;
                 }
-                if walk == Walk::Matched {
+                if wz == Walk::Matched {
                     set(&mut end, end_index(&bytes));
                 }
                 for w in 0..PREFIX_CLASSES {
-                    if step(walk, rep(w)) != Walk::Dead {
-                        let [a, b, c] = bytes;
-                        set(&mut alive, prefix4_index([a, b, c, rep(w)]));
+                    let [a, b, c] = bytes;
+                    let k = prefix4_index([a, b, c, rep(w)]);
+                    if step(wz, rep(w), 4, false) != Walk::Dead {
+                        set(&mut any, k);
+                    }
+                    match step(bz, rep(w), 4, true) {
+                        Walk::Dead => {}
+                        Walk::Bound(sid) => {
+                            set(&mut space5, k);
+                            fifth.push((k as u32, next_classes(sid)));
+                        }
+                        _ => set(&mut alive, k),
                     }
                 }
             }
         }
     }
-    for p in patterns.iter().map(|p| p.as_bytes()) {
+    for (p, &bound) in patterns.iter().map(|p| p.as_bytes()).zip(end_bound) {
         if let Some(first) = p.first_chunk::<LONG>() {
             set(&mut long, prefix8_index(first));
             continue;
         }
         // Every four bytes such a pattern may start: its own first four, or, when it is
-        // shorter, it followed by anything.
+        // shorter, it followed by anything (in a text without chains, by a space first when
+        // it must end at a word end).
         let known = p.len().min(4);
         for k in 0..PREFIX_CLASSES.pow(4 - known as u32) {
             let mut four = [0u8; 4];
@@ -961,18 +1046,33 @@ fn prefix_table(dfa: &DFA, patterns: &[&str]) -> Option<Prefixes> {
                 *b = rep(k % PREFIX_CLASSES);
                 k /= PREFIX_CLASSES;
             }
-            set(&mut short, prefix4_index(four));
+            set(&mut short_any, prefix4_index(four));
+            if !bound || known == 4 || four[known] == b' ' {
+                set(&mut short, prefix4_index(four));
+            }
         }
     }
-    let mut four = vec![0u64; FOUR.div_ceil(32)];
-    for k in 0..FOUR {
-        if bit(&alive, k) {
-            let long_only = if bit(&short, k) { 0 } else { LONG_ONLY };
-            four[k / 32] |= u64::from(ALIVE | long_only) << (k % 32 * 2);
+    let table = |alive: &[u64], short: &[u64], space5: Option<&[u64]>| {
+        let mut four = vec![0u64; FOUR.div_ceil(32)];
+        for k in 0..FOUR {
+            let value = if bit(alive, k) {
+                ALIVE | if bit(short, k) { 0 } else { LONG_ONLY }
+            } else if space5.is_some_and(|s| bit(s, k)) {
+                SPACE5
+            } else {
+                continue;
+            };
+            four[k / 32] |= u64::from(value) << (k % 32 * 2);
         }
-    }
+        four.into_boxed_slice()
+    };
     Some(Prefixes {
-        four: four.into_boxed_slice(),
+        fifth: {
+            fifth.sort_unstable();
+            fifth.into_boxed_slice()
+        },
+        four: table(&alive, &short, Some(&space5)),
+        any: table(&any, &short_any, None),
         long: long.into_boxed_slice(),
         end: end.into_boxed_slice(),
     })
@@ -983,6 +1083,7 @@ impl Searcher {
     /// word-start prefix table); `None` when `ids` is empty.
     fn build(
         patterns: &[String],
+        end_bound: &[bool],
         ids: Vec<usize>,
         kind: StartKind,
     ) -> Result<Option<Searcher>, LexiconError> {
@@ -999,7 +1100,8 @@ impl Searcher {
         let prefix = match kind {
             StartKind::Anchored => {
                 let patterns: Vec<&str> = ids.iter().map(|&i| patterns[i].as_str()).collect();
-                prefix_table(&dfa, &patterns)
+                let end_bound: Vec<bool> = ids.iter().map(|&i| end_bound[i]).collect();
+                prefix_table(&dfa, &patterns, &end_bound)
             }
             _ => None,
         };
@@ -1110,20 +1212,19 @@ impl Inner {
                 // The padding holds no text.
                 starts &= (1u64 << left) - 1;
             }
-            // Offsets in the block, with the top bit set where only long patterns may start
-            // (`LONG_ONLY << 6`).
+            // Offsets in the block, with what `may_start` said in the top two bits.
             let mut list = [0u8; 64];
             let mut n = 0;
             while starts != 0 {
                 let i = starts.trailing_zeros() as u8;
                 starts &= starts - 1;
                 let start = prefix.map_or(ALIVE, |p| p.may_start(&bytes[base + usize::from(i)..]));
-                list[n] = i | (start & LONG_ONLY) << 6;
+                list[n] = i | start << 6;
                 n += usize::from(start != 0);
             }
             for &i in &list[..n] {
                 let s = base + usize::from(i & 63);
-                if prefix.is_some_and(|p| !p.may_find(&bytes[s..], i & 128 != 0)) {
+                if prefix.is_some_and(|p| !p.may_find(&bytes[s..], i >> 6)) {
                     continue;
                 }
                 self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
@@ -1548,14 +1649,73 @@ mod tests {
                 texts.push(t);
             }
         }
-        let mut found = 0;
+        // The same, for a text without chains: only patterns that pass the end boundary.
+        let end_bound = |pid: aho_corasick::PatternID| {
+            let (from, to) = inner.pattern_cands[words.ids[pid.as_usize()] as usize];
+            inner.cands[from as usize..to as usize]
+                .iter()
+                .all(|c| inner.entries[c.entry as usize].bound_end)
+        };
+        let finds_bounded = |text: &[u8]| {
+            let mut sid = start;
+            for (at, &b) in (1..).zip(text) {
+                sid = dfa.next_state(Anchored::Yes, sid, b);
+                if dfa.is_dead(sid) {
+                    return false;
+                }
+                let ends_word = text.get(at).is_none_or(|&b| b == b' ');
+                if dfa.is_match(sid)
+                    && (0..dfa.match_len(sid)).any(|k| {
+                        let pid = dfa.match_pattern(sid, k);
+                        dfa.pattern_len(pid) == at && (ends_word || !end_bound(pid))
+                    })
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        let may_walk_words = |text: &[u8]| {
+            let start = prefix.may_start(text);
+            start != 0 && prefix.may_find(text, start)
+        };
+        let (mut found, mut found_bounded, mut skipped_bound) = (0, 0, 0);
         for text in &texts {
-            if finds(text.as_bytes()) {
+            let text = text.as_bytes();
+            if finds(text) {
                 found += 1;
-                assert!(prefix.may_walk(text.as_bytes()), "{text:?}");
+                assert!(prefix.may_walk(text), "{:?}", String::from_utf8_lossy(text));
+            }
+            if finds_bounded(text) {
+                found_bounded += 1;
+                assert!(may_walk_words(text), "{:?}", String::from_utf8_lossy(text));
+            } else if finds(text) && !may_walk_words(text) {
+                skipped_bound += 1;
             }
         }
         assert!(found > 1000, "{found}");
+        assert!(found_bounded > 1000, "{found_bounded}");
+        // Words that only start a pattern bound to a word end are skipped.
+        assert!(skipped_bound > 100, "{skipped_bound}");
+        // Scunthorpe words among them, by four bytes (`title`, `congrats`) or five
+        // (`analysis`, `cocktail`); a chain may still hold such a pattern (`a n a l y`).
+        for w in [
+            "analysis",
+            "cocktail",
+            "title",
+            "japan",
+            "homophones",
+            "congrats",
+            "spicy",
+            "dickens",
+            "arsenic",
+            "niger",
+            "about",
+            "cumbria",
+        ] {
+            assert!(prefix.may_walk(w.as_bytes()), "{w:?}");
+            assert!(!may_walk_words(w.as_bytes()), "{w:?} is walked");
+        }
         // And it does skip most clean words: by their first four bytes, by their first eight
         // (`the w…` starts long phrases), or as the last word of a text.
         let clean = [
