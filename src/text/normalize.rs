@@ -81,6 +81,8 @@ pub struct Normalized {
     mapped: bool,
     /// Which kinds of chars `text` holds (`HAS_*` bits), so the lexicon can skip automata.
     has: u8,
+    /// Cache: what recent non-ASCII chars do, by [`recipe_slot`] (empty until the first).
+    recipes: Vec<Recipe>,
     /// Scratch: the units of the token being read.
     units: Vec<Unit>,
     /// Scratch: lone letters waiting to be joined into a chain or emitted as words.
@@ -281,6 +283,110 @@ static ASCII: [AsciiClass; 128] = {
     }
     t
 };
+
+/// One thing a non-ASCII char does to the token being read ([`recipe`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    /// A letter (folded char, look-alike letter or `\0`).
+    Letter(char, char),
+    /// Invisible: belongs to the char before it.
+    Attach,
+    /// An apostrophe.
+    Joiner,
+    /// Ends the token (the separator char, whether a line break).
+    Separator(char, bool),
+    /// A leetspeak symbol for the letter.
+    Leet(char),
+    /// An ASCII char of its decomposition, read as that char would be.
+    Ascii(u8),
+}
+
+/// Most ops a char's recipe may have ([`recipe`]); the decomposition of U+FDFA has 18 chars.
+const MAX_OPS: usize = 54;
+
+/// Most ops of a [`Recipe`] kept in the cache.
+const RECIPE_OPS: usize = 4;
+
+/// Slots of the recipe cache ([`Normalized::recipes`]).
+const RECIPES: usize = 512;
+
+/// A cached [`recipe`].
+#[derive(Debug, Clone, Copy)]
+struct Recipe {
+    /// The char (`\0`: empty slot, never a non-ASCII char).
+    c: char,
+    len: u8,
+    ops: [Op; RECIPE_OPS],
+}
+
+impl Recipe {
+    const EMPTY: Recipe = Recipe {
+        c: '\0',
+        len: 0,
+        ops: [Op::Attach; RECIPE_OPS],
+    };
+}
+
+/// The slot of the recipe cache for `c`.
+#[inline]
+fn recipe_slot(c: char) -> usize {
+    (u32::from(c).wrapping_mul(0x9E37_79B1) >> (32 - RECIPES.trailing_zeros())) as usize
+}
+
+/// What the non-ASCII char `c` does, op by op, into `emit`: NFKC compatibility decomposition,
+/// case folding, look-alikes, leetspeak symbols, invisible chars, separators.
+fn recipe(c: char, emit: &mut impl FnMut(Op)) {
+    if is_plain_unspaced(c) {
+        emit(Op::Letter(c, '\0'));
+    } else if is_invisible(c) {
+        emit(Op::Attach);
+    } else if let Some(a) = fold_special(c) {
+        emit(Op::Letter(char::from(a), '\0'));
+    } else if is_apostrophe(c) {
+        emit(Op::Joiner);
+    } else if is_newline(c) {
+        emit(Op::Separator('\n', true));
+    } else if c.is_whitespace() {
+        emit(Op::Separator(' ', false));
+    } else {
+        decompose_compatible(c, |d| decomposed(d, emit));
+    }
+}
+
+/// [`recipe`] for one char of a compatibility decomposition.
+fn decomposed(d: char, emit: &mut impl FnMut(Op)) {
+    if d.is_ascii() {
+        emit(Op::Ascii(d as u8));
+    } else if is_invisible(d) {
+        emit(Op::Attach);
+    } else if let Some(a) = fold_special(d) {
+        emit(Op::Letter(char::from(a), '\0'));
+    } else if d.is_alphanumeric() {
+        let upper = confusable(d);
+        for l in d.to_lowercase() {
+            if l.is_ascii() {
+                emit(Op::Letter(l, '\0'));
+            } else if l == 'ß' {
+                emit(Op::Letter('s', '\0'));
+                emit(Op::Letter('s', '\0'));
+            } else if is_invisible(l) {
+                emit(Op::Attach);
+            } else {
+                let alt = upper.or_else(|| confusable(l)).map_or('\0', char::from);
+                emit(Op::Letter(l, alt));
+            }
+        }
+    } else if let Some(a) = leet_symbol(d) {
+        emit(Op::Leet(char::from(a)));
+    } else if is_apostrophe(d) {
+        emit(Op::Joiner);
+    } else if is_newline(d) {
+        emit(Op::Separator('\n', true));
+    } else {
+        // Whitespace, punctuation, emoji, other symbols.
+        emit(Op::Separator(d, false));
+    }
+}
 
 /// The eight bytes of `bytes` from `i` on, as a little-endian word; past the end, zero bytes
 /// (not letters).
@@ -1151,66 +1257,52 @@ impl Builder<'_> {
     }
 
     fn non_ascii(&mut self, c: char, start: u32, end: u32) {
-        if is_plain_unspaced(c) {
-            self.letter(c, '\0', start, end);
-        } else if is_invisible(c) {
-            self.attach(end);
-        } else if let Some(a) = fold_special(c) {
-            self.letter(char::from(a), '\0', start, end);
-        } else if is_apostrophe(c) {
-            self.push(Kind::Joiner, '\0', '\0', start, end);
-        } else if is_newline(c) {
-            self.separator('\n', true);
-        } else if c.is_whitespace() {
-            self.separator(' ', false);
-        } else {
-            // Compatibility decomposition: at most 18 chars (U+FDFA).
-            let mut buf = ['\0'; 18];
-            let mut len = 0;
-            decompose_compatible(c, |d| {
-                if len < buf.len() {
-                    buf[len] = d;
-                    len += 1;
-                }
-            });
-            for &d in &buf[..len] {
-                self.decomposed(d, start, end);
+        // What a char does depends on the char alone: look it up in the cache of recent
+        // chars, else work it out (Unicode tables: the dear part) and remember it.
+        let recipes = &mut self.n.recipes;
+        if recipes.is_empty() {
+            recipes.resize(RECIPES, Recipe::EMPTY);
+        }
+        let slot = recipe_slot(c);
+        let cached = recipes[slot];
+        if cached.c == c {
+            for &op in &cached.ops[..usize::from(cached.len)] {
+                self.apply(op, start, end);
             }
+            return;
+        }
+        let mut ops = [Op::Attach; MAX_OPS];
+        let mut len = 0;
+        recipe(c, &mut |op| {
+            // Past `MAX_OPS` (long decompositions such as U+FDFA), the rest is dropped.
+            if len < MAX_OPS {
+                ops[len] = op;
+                len += 1;
+            }
+        });
+        if len <= RECIPE_OPS {
+            let mut recipe = Recipe {
+                c,
+                len: len as u8,
+                ops: [Op::Attach; RECIPE_OPS],
+            };
+            recipe.ops[..len].copy_from_slice(&ops[..len]);
+            self.n.recipes[slot] = recipe;
+        }
+        for &op in &ops[..len] {
+            self.apply(op, start, end);
         }
     }
 
-    /// One char of a compatibility decomposition of the original char at `start..end`.
-    fn decomposed(&mut self, d: char, start: u32, end: u32) {
-        if d.is_ascii() {
-            self.ascii(d as u8, start, end);
-        } else if is_invisible(d) {
-            self.attach(end);
-        } else if let Some(a) = fold_special(d) {
-            self.letter(char::from(a), '\0', start, end);
-        } else if d.is_alphanumeric() {
-            let upper = confusable(d);
-            for l in d.to_lowercase() {
-                if l.is_ascii() {
-                    self.letter(l, '\0', start, end);
-                } else if l == 'ß' {
-                    self.letter('s', '\0', start, end);
-                    self.letter('s', '\0', start, end);
-                } else if is_invisible(l) {
-                    self.attach(end);
-                } else {
-                    let alt = upper.or_else(|| confusable(l)).map_or('\0', char::from);
-                    self.letter(l, alt, start, end);
-                }
-            }
-        } else if let Some(a) = leet_symbol(d) {
-            self.push(Kind::LeetAny, '\0', char::from(a), start, end);
-        } else if is_apostrophe(d) {
-            self.push(Kind::Joiner, '\0', '\0', start, end);
-        } else if is_newline(d) {
-            self.separator('\n', true);
-        } else {
-            // Whitespace, punctuation, emoji, other symbols.
-            self.separator(d, false);
+    /// Does what `op` says for the original char at `start..end`.
+    fn apply(&mut self, op: Op, start: u32, end: u32) {
+        match op {
+            Op::Letter(ch, alt) => self.letter(ch, alt, start, end),
+            Op::Attach => self.attach(end),
+            Op::Joiner => self.push(Kind::Joiner, '\0', '\0', start, end),
+            Op::Separator(c, newline) => self.separator(c, newline),
+            Op::Leet(alt) => self.push(Kind::LeetAny, '\0', alt, start, end),
+            Op::Ascii(b) => self.ascii(b, start, end),
         }
     }
 
