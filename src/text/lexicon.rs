@@ -1425,6 +1425,13 @@ fn finish(text: &str, out: &mut Vec<Match>, reach: &mut Vec<(usize, usize)>) {
             }
         }
     });
+    if text.is_ascii() {
+        // One char a byte.
+        for m in out.iter_mut() {
+            (m.start_char, m.end_char) = (m.start, m.end);
+        }
+        return;
+    }
     let (mut byte, mut chars) = (0, 0);
     for m in out.iter_mut() {
         chars += text[byte..m.start].chars().count();
