@@ -420,8 +420,15 @@ impl Lexicon {
             return;
         }
         if !scratch.norm.is_mapped() {
-            // The same folded text again, this time with the offset map.
-            scratch.norm.set(text);
+            // The same folded text again, this time with the offset map, as far as the end
+            // of the word of the last match (matches widen to whole words).
+            let bytes = scratch.norm.as_bytes();
+            let last = scratch.raw.iter().filter(|&&(s, e, _)| !allowed(s, e));
+            let mut upto = last.map(|&(_, e, _)| e).max().unwrap_or(0);
+            while upto < bytes.len() && bytes[upto] != b' ' {
+                upto += 1;
+            }
+            scratch.norm.set_mapped_to(text, upto);
         }
         let norm = &scratch.norm;
         let bytes = norm.as_bytes();

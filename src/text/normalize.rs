@@ -79,6 +79,9 @@ pub struct Normalized {
     len: usize,
     /// Whether `starts`/`ends` were filled (see [`Normalized::set_unmapped`]).
     mapped: bool,
+    /// [`Normalized::set_mapped_to`]: when not `0`, the mapped fast path may stop at the
+    /// first space it writes at or past folded byte `stop - 1`.
+    stop: usize,
     /// Which kinds of chars `text` holds (`HAS_*` bits), so the lexicon can skip automata.
     has: u8,
     /// Cache: what recent non-ASCII chars do, by [`recipe_slot`] (empty until the first).
@@ -669,6 +672,16 @@ impl Normalized {
         self.fill(text, false, true);
     }
 
+    /// Like [`set`](Self::set), for a text that [`set_lazy`](Self::set_lazy) folded
+    /// without the map (the fast path), when only the folded bytes up to and including `upto`
+    /// are needed: the fold may stop at the first space it writes past `upto`, which saves
+    /// the rest of a long text when a match is near its start.
+    pub(crate) fn set_mapped_to(&mut self, text: &str, upto: usize) {
+        self.stop = upto + 1;
+        self.fill(text, true, true);
+        self.stop = 0;
+    }
+
     /// Whether [`original_range`](Self::original_range) works on this value.
     pub fn is_mapped(&self) -> bool {
         self.mapped
@@ -969,6 +982,11 @@ impl Normalized {
                     ends[w] = at;
                 }
                 w += 1;
+                if MAP && n.stop != 0 && w >= n.stop {
+                    // Enough for `set_mapped_to`.
+                    n.len = w;
+                    return Fast::Done;
+                }
                 in_number = false;
                 last = 0;
                 word_letters = 0;
@@ -1654,6 +1672,42 @@ mod tests {
                 None
             };
             assert_eq!(lazy.original_range(all), expect, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_map_up_to_a_point_agrees_with_the_whole_map() {
+        let texts = [
+            "you are a fucking idiot lol and more words after it",
+            "shit happens 好的 没问题 ok then",
+            "fuuuck this 10am meeting, don't care",
+            "abc def ghi",
+            "x",
+        ];
+        let mut part = Normalized::new();
+        for text in texts {
+            let whole = Normalized::of(text);
+            for upto in 0..=whole.len() {
+                part.set_lazy(text);
+                if part.is_mapped() {
+                    continue;
+                }
+                part.set_mapped_to(text, upto);
+                let n = upto.min(whole.len());
+                assert!(part.len() >= n, "{text:?} up to {upto}");
+                assert_eq!(part.as_bytes()[..n], whole.as_bytes()[..n], "{text:?}");
+                assert_eq!(part.runs()[..n], whole.runs()[..n], "{text:?}");
+                for i in 0..n {
+                    assert_eq!(
+                        part.original_range(i..i + 1),
+                        whole.original_range(i..i + 1),
+                        "{text:?} up to {upto} @{i}"
+                    );
+                }
+            }
+            // And `set` maps the whole text again afterwards.
+            part.set(text);
+            assert_eq!(part.as_bytes(), whole.as_bytes(), "{text:?}");
         }
     }
 
