@@ -780,10 +780,10 @@ struct Prefixes {
     /// [`Inner::search_words`] lists), where a pattern that must end at a word end is found
     /// only before a space or the end of the text: `con` does not keep `conf…` alive, and
     /// a walk from `anal…` needs a fifth byte that a pattern goes on with, or a space
-    /// ([`SPACE5`]). Most of the walks it saves would find such a word and fail
+    /// ([`FIFTH`]). Most of the walks it saves would find such a word and fail
     /// [`bounds_ok`] (`analysis`, `cocktail`, `title`).
     four: Box<[u64]>,
-    /// For the [`SPACE5`] entries of `four`, by [`prefix4_index`] (sorted): the classes the
+    /// For the [`FIFTH`] entries of `four`, by [`prefix4_index`] (sorted): the classes the
     /// fifth byte may have (bit 26: space), so that a walk from `anal…` happens only for
     /// `anal`, `anal retentive` and the like, not for `analysis`.
     fifth: Box<[(u32, u32)]>,
@@ -809,7 +809,7 @@ const ALIVE: u8 = 1;
 const LONG_ONLY: u8 = 2;
 /// [`Prefixes::four`], alone: a walk over such four bytes finds a pattern only if the text
 /// ends there or its fifth byte is one of [`Prefixes::fifth`].
-const SPACE5: u8 = 2;
+const FIFTH: u8 = 2;
 
 /// Patterns shorter than this are found by walking; the others are first looked up by their
 /// first `LONG` bytes in [`Prefixes::long`].
@@ -820,12 +820,14 @@ impl Prefixes {
     /// ([`ALIVE`], [`LONG_ONLY`]; cheap enough to run on every word start). Fewer bytes:
     /// `ALIVE`, for [`Prefixes::may_find`] to decide.
     /// In a text without chains; by [`Prefixes::four`] (`0` or [`ALIVE`],
-    /// `ALIVE | LONG_ONLY`, [`SPACE5`]).
+    /// `ALIVE | LONG_ONLY`, [`FIFTH`]).
     #[inline]
     fn may_start(&self, bytes: &[u8]) -> u8 {
         Self::lookup(&self.four, bytes)
     }
 
+    /// The two bits of `four` (`four` or `any`) for the first four bytes of `bytes`;
+    /// [`ALIVE`] when there are fewer.
     #[inline]
     fn lookup(four: &[u64], bytes: &[u8]) -> u8 {
         match *bytes {
@@ -844,7 +846,7 @@ impl Prefixes {
     fn may_find(&self, bytes: &[u8], start: u8) -> bool {
         match start {
             ALIVE => bytes.len() >= 4 || bit(&self.end, end_index(bytes)),
-            SPACE5 => match *bytes {
+            FIFTH => match *bytes {
                 [x, y, z, w, next, ..] => {
                     let k = prefix4_index([x, y, z, w]) as u32;
                     let at = self.fifth.partition_point(|&(key, _)| key < k);
@@ -990,8 +992,8 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
     let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
     let bits = |n: usize| vec![0u64; n.div_ceil(64)];
     // `four` and `any` as bit sets: whether alive, whether some short pattern may start
-    // there; `space5`: alive only by the fifth byte (`fifth`).
-    let (mut any, mut alive, mut space5) = (bits(FOUR), bits(FOUR), bits(FOUR));
+    // there; `fifth_bits`: alive only by the fifth byte (`fifth`).
+    let (mut any, mut alive, mut fifth_bits) = (bits(FOUR), bits(FOUR), bits(FOUR));
     let (mut short_any, mut short) = (bits(FOUR), bits(FOUR));
     let mut long = bits(1 << 16);
     let n = PREFIX_CLASSES + 1;
@@ -1027,7 +1029,7 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
                     match step(bz, rep(w), 4, true) {
                         Walk::Dead => {}
                         Walk::Bound(sid) => {
-                            set(&mut space5, k);
+                            set(&mut fifth_bits, k);
                             fifth.push((k as u32, next_classes(sid)));
                         }
                         _ => set(&mut alive, k),
@@ -1059,13 +1061,13 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
             }
         }
     }
-    let table = |alive: &[u64], short: &[u64], space5: Option<&[u64]>| {
+    let table = |alive: &[u64], short: &[u64], fifth_bits: Option<&[u64]>| {
         let mut four = vec![0u64; FOUR.div_ceil(32)];
         for k in 0..FOUR {
             let value = if bit(alive, k) {
                 ALIVE | if bit(short, k) { 0 } else { LONG_ONLY }
-            } else if space5.is_some_and(|s| bit(s, k)) {
-                SPACE5
+            } else if fifth_bits.is_some_and(|s| bit(s, k)) {
+                FIFTH
             } else {
                 continue;
             };
@@ -1078,7 +1080,7 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
             fifth.sort_unstable();
             fifth.into_boxed_slice()
         },
-        four: table(&alive, &short, Some(&space5)),
+        four: table(&alive, &short, Some(&fifth_bits)),
         any: table(&any, &short_any, None),
         long: long.into_boxed_slice(),
         end: end.into_boxed_slice(),
