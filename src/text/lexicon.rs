@@ -501,6 +501,7 @@ impl Lexicon {
         let mut variants = Vec::new();
         let mut seen: HashMap<(Arc<str>, String), usize> = HashMap::new();
         let mut categories: HashMap<String, Arc<str>> = HashMap::new();
+        let mut norm = Normalized::new();
         for src in &sources {
             let err = |reason: String| LexiconError::Entry {
                 file: src.file.to_string(),
@@ -511,7 +512,7 @@ impl Lexicon {
             let Some(spec) = parse_line(&src.text, allow).map_err(err)? else {
                 continue;
             };
-            let norm = Normalized::of(spec.term);
+            norm.set(spec.term);
             let folded = norm.as_str();
             if folded.is_empty() {
                 return Err(err(format!("{:?} has no letters or digits", spec.term)));

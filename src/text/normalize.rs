@@ -1086,10 +1086,15 @@ pub(crate) fn clip(text: &str, max: usize) -> &str {
 /// The folded form of `text` (see the module docs): the key to compare messages by, so that
 /// `F.U.C.K`, `ｆｕｃｋ` and `fuuuck` give the same key.
 pub fn normalize(text: &str) -> String {
-    let mut n = Normalized::new();
-    n.set_unmapped(text);
-    n.text.truncate(n.len);
-    String::from_utf8(n.text).expect("the folded text is built from whole chars. This is a bug.")
+    thread_local! {
+        // Called for every message (duplicate keys): one value per thread keeps its buffers
+        // and its cache of non-ASCII chars.
+        static SCRATCH: std::cell::RefCell<Normalized> = std::cell::RefCell::default();
+    }
+    SCRATCH.with_borrow_mut(|n| {
+        n.set_unmapped(text);
+        n.as_str().to_owned()
+    })
 }
 
 /// The normalizer's state while it walks one text.
