@@ -138,8 +138,11 @@ struct Inner {
     other: Option<Searcher>,
     /// Per pattern id: the range of `cands` to check.
     pattern_cands: Vec<(u32, u32)>,
-    /// Candidate entries per pattern, grouped by pattern.
-    cands: Vec<Cand>,
+    /// Candidate entries per pattern, grouped by pattern, with what [`Inner::check`] needs
+    /// inline.
+    cands: Vec<Check>,
+    /// The run lengths of every candidate, one after another ([`Check::runs`]).
+    runs: Vec<u8>,
     /// Every entry, allowlist ones included.
     entries: Vec<Entry>,
     /// The lines it was built from, to rebuild with extras.
@@ -176,6 +179,20 @@ struct Cand {
     entry: u32,
     /// Run length per char of the pattern (see [`runs_ok`]).
     runs: Box<[u8]>,
+}
+
+/// One entry a pattern may stand for, as [`Inner::check`] reads it: the entry's bounds
+/// inline and its runs in one shared array, so that a check touches no `Entry` and no
+/// separate allocation (every pointer followed there was a cache miss).
+struct Check {
+    /// Index into `entries`.
+    entry: u32,
+    /// Range of `Inner::runs`: run length per char of the pattern (see [`runs_ok`]).
+    runs: (u32, u32),
+    /// The entry's [`Entry::bound_start`], [`Entry::bound_end`] and [`Entry::allow`].
+    bound_start: bool,
+    bound_end: bool,
+    allow: bool,
 }
 
 /// Lexicons built and possibly still in use, by the hash of their sources (see
@@ -653,17 +670,43 @@ impl Lexicon {
             .map(|list| list.iter().all(|c| b.entries[c.entry as usize].bound_end))
             .collect();
         let build = |ids, kind| Searcher::build(&b.patterns, &end_bound, ids, kind);
-        let latin = build(latin, StartKind::Unanchored)?;
-        let words = build(words, StartKind::Anchored)?;
-        let censored = build(censored, StartKind::Unanchored)?;
-        let digits = build(digits, StartKind::Unanchored)?;
-        let other = build(other, StartKind::Unanchored)?;
+        let mut latin = build(latin, StartKind::Unanchored)?;
+        let mut words = build(words, StartKind::Anchored)?;
+        let mut censored = build(censored, StartKind::Unanchored)?;
+        let mut digits = build(digits, StartKind::Unanchored)?;
+        let mut other = build(other, StartKind::Unanchored)?;
         let mut pattern_cands = Vec::with_capacity(b.pattern_cands.len());
-        let mut cands = Vec::new();
+        let (mut cands, mut runs) = (Vec::new(), Vec::new());
         for list in b.pattern_cands {
             let from = cands.len() as u32;
-            cands.extend(list);
+            for cand in list {
+                let entry = &b.entries[cand.entry as usize];
+                let at = runs.len() as u32;
+                runs.extend_from_slice(&cand.runs);
+                cands.push(Check {
+                    entry: cand.entry,
+                    runs: (at, runs.len() as u32),
+                    bound_start: entry.bound_start,
+                    bound_end: entry.bound_end,
+                    allow: entry.allow,
+                });
+            }
             pattern_cands.push((from, cands.len() as u32));
+        }
+        // Each searcher's pattern ids → their candidates.
+        let searchers = [
+            &mut latin,
+            &mut words,
+            &mut censored,
+            &mut digits,
+            &mut other,
+        ];
+        for searcher in searchers.into_iter().flatten() {
+            searcher.cands = searcher
+                .ids
+                .iter()
+                .map(|&i| pattern_cands[i as usize])
+                .collect();
         }
         Ok(Lexicon {
             inner: Arc::new(Inner {
@@ -674,6 +717,7 @@ impl Lexicon {
                 other,
                 pattern_cands,
                 cands,
+                runs,
                 entries: b.entries,
                 sources,
                 blocking,
@@ -688,6 +732,9 @@ struct Searcher {
     dfa: DFA,
     /// Its pattern ids → indices into `Inner::pattern_cands`.
     ids: Vec<u32>,
+    /// Its pattern ids → their range of `Inner::cands` (`Inner::pattern_cands[ids[pid]]`,
+    /// one lookup fewer in [`Inner::check`]).
+    cands: Box<[(u32, u32)]>,
     /// Anchored searchers over `[a-z ]` patterns only: which walks from the start state
     /// may find something, by the first bytes, so [`Inner::search_words`] can skip the rest.
     prefix: Option<Prefixes>,
@@ -1118,6 +1165,7 @@ impl Searcher {
         Ok(Some(Searcher {
             dfa,
             ids: ids.into_iter().map(|i| i as u32).collect(),
+            cands: Box::default(),
             prefix,
             pairs,
         }))
@@ -1297,14 +1345,13 @@ impl Inner {
         raw: &mut Vec<(usize, usize, u32)>,
         allow: &mut Vec<(usize, usize)>,
     ) {
-        let (from, to) = self.pattern_cands[searcher.ids[pid.as_usize()] as usize];
+        let (from, to) = searcher.cands[pid.as_usize()];
         for cand in &self.cands[from as usize..to as usize] {
-            let entry = &self.entries[cand.entry as usize];
-            if !bounds_ok(bytes, chains, s, e, entry) || !runs_ok(bytes, runs, s, &cand.runs, entry)
-            {
+            let want = &self.runs[cand.runs.0 as usize..cand.runs.1 as usize];
+            if !bounds_ok(bytes, chains, s, e, cand) || !runs_ok(bytes, runs, s, want, cand) {
                 continue;
             }
-            if entry.allow {
+            if cand.allow {
                 allow.push((s, e));
             } else {
                 raw.push((s, e, cand.entry));
@@ -1366,7 +1413,7 @@ fn char_runs(norm: &Normalized) -> Vec<(char, u8)> {
 /// joined chain (`u r a b i t c h` → `urabitch`) a word may end anywhere, and may start after
 /// one-letter chat words (`a`, `i`, `u`, `r`, `y`) only, so a spaced-out `c l a s s` does not
 /// hit `ass`.
-fn bounds_ok(bytes: &[u8], chains: &[(u32, u32)], s: usize, e: usize, entry: &Entry) -> bool {
+fn bounds_ok(bytes: &[u8], chains: &[(u32, u32)], s: usize, e: usize, entry: &Check) -> bool {
     let start_ok = !entry.bound_start || s == 0 || bytes[s - 1] == b' ';
     let end_ok = !entry.bound_end || e == bytes.len() || bytes[e] == b' ';
     if start_ok && end_ok {
@@ -1385,7 +1432,7 @@ fn bounds_ok(bytes: &[u8], chains: &[(u32, u32)], s: usize, e: usize, entry: &En
 /// at least 3 in the text (emphasis: `fuuuck`, `asssss`). A doubled letter alone is a
 /// different word (`assess` is not `asses`, `as` is not `ass`), except at an open end of a
 /// `*` entry, where the word goes on (`shit*` hits `shitty`).
-fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8], entry: &Entry) -> bool {
+fn runs_ok(bytes: &[u8], runs: &[u8], s: usize, want: &[u8], entry: &Check) -> bool {
     let mut i = s;
     let last = want.len().saturating_sub(1);
     for (k, &w) in want.iter().enumerate() {
@@ -1668,10 +1715,10 @@ mod tests {
         }
         // The same, for a text without chains: only patterns that pass the end boundary.
         let end_bound = |pid: aho_corasick::PatternID| {
-            let (from, to) = inner.pattern_cands[words.ids[pid.as_usize()] as usize];
+            let (from, to) = words.cands[pid.as_usize()];
             inner.cands[from as usize..to as usize]
                 .iter()
-                .all(|c| inner.entries[c.entry as usize].bound_end)
+                .all(|c| c.bound_end)
         };
         let finds_bounded = |text: &[u8]| {
             let mut sid = start;
