@@ -195,6 +195,85 @@ struct Check {
     allow: bool,
 }
 
+/// What each match state of an anchored DFA finds, in flat arrays: per state, the patterns
+/// that end there as (length, range of `Inner::cands`). The DFA's own answer takes a
+/// pointer per state (its match lists are separate allocations) and a lookup per pattern,
+/// each a likely cache miss for a walk that just reached the state.
+struct MatchTable {
+    /// `sid >> shift` minus 2 is the state's index (the DFA's match states come first, after
+    /// the dead and fail states; its state IDs are premultiplied by a power of two).
+    shift: u32,
+    /// Per index: its range of `list`.
+    states: Box<[(u32, u32)]>,
+    /// (pattern length, candidates from, to).
+    list: Box<[(u32, u32, u32)]>,
+}
+
+impl MatchTable {
+    /// The table of the anchored `dfa` whose pattern ids map to `cands`, or `None` when its
+    /// state IDs do not look as expected (then the DFA's own answer is used).
+    fn new(dfa: &DFA, cands: &[(u32, u32)]) -> Option<MatchTable> {
+        // Every state a walk may reach, over every byte.
+        let start = dfa.start_state(Anchored::Yes).ok()?;
+        let mut seen = std::collections::HashSet::from([start.as_u32()]);
+        let mut queue = vec![start];
+        while let Some(sid) = queue.pop() {
+            for b in 0..=255u8 {
+                let next = dfa.next_state(Anchored::Yes, sid, b);
+                if !dfa.is_dead(next) && seen.insert(next.as_u32()) {
+                    queue.push(next);
+                }
+            }
+        }
+        let stride = seen.iter().fold(0u32, |g, &id| gcd(g, id));
+        if !stride.is_power_of_two() {
+            return None;
+        }
+        let shift = stride.trailing_zeros();
+        let mut found: Vec<(usize, StateID)> = Vec::new();
+        for &id in &seen {
+            let sid = StateID::new(id as usize).ok()?;
+            if dfa.is_match(sid) {
+                found.push(((id >> shift).checked_sub(2)? as usize, sid));
+            }
+        }
+        found.sort_unstable_by_key(|&(index, _)| index);
+        if found.windows(2).any(|w| w[0].0 == w[1].0) {
+            // Two states, one index: not the layout expected.
+            return None;
+        }
+        let len = found.last().map_or(0, |&(index, _)| index + 1);
+        let mut states = vec![(0u32, 0u32); len];
+        let mut list = Vec::new();
+        for (index, sid) in found {
+            let from = list.len() as u32;
+            for k in 0..dfa.match_len(sid) {
+                let pid = dfa.match_pattern(sid, k);
+                let (a, b) = cands[pid.as_usize()];
+                list.push((dfa.pattern_len(pid) as u32, a, b));
+            }
+            states[index] = (from, list.len() as u32);
+        }
+        Some(MatchTable {
+            shift,
+            states: states.into_boxed_slice(),
+            list: list.into_boxed_slice(),
+        })
+    }
+
+    /// What the match state `sid` finds.
+    #[inline]
+    fn at(&self, sid: StateID) -> &[(u32, u32, u32)] {
+        let (from, to) = self.states[(sid.as_usize() >> self.shift) - 2];
+        &self.list[from as usize..to as usize]
+    }
+}
+
+/// Greatest common divisor.
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Lexicons built and possibly still in use, by the hash of their sources (see
 /// [`Lexicon::build`]). Weak: an automaton nobody uses any more is freed, and its slot dropped
 /// at the next build.
@@ -708,6 +787,9 @@ impl Lexicon {
                 .map(|&i| pattern_cands[i as usize])
                 .collect();
         }
+        if let Some(words) = &mut words {
+            words.matches = MatchTable::new(&words.dfa, &words.cands);
+        }
         Ok(Lexicon {
             inner: Arc::new(Inner {
                 latin,
@@ -735,6 +817,8 @@ struct Searcher {
     /// Its pattern ids → their range of `Inner::cands` (`Inner::pattern_cands[ids[pid]]`,
     /// one lookup fewer in [`Inner::check`]).
     cands: Box<[(u32, u32)]>,
+    /// The anchored searcher (`words`): what each match state finds, flat ([`MatchTable`]).
+    matches: Option<MatchTable>,
     /// Anchored searchers over `[a-z ]` patterns only: which walks from the start state
     /// may find something, by the first bytes, so [`Inner::search_words`] can skip the rest.
     prefix: Option<Prefixes>,
@@ -1166,6 +1250,7 @@ impl Searcher {
             dfa,
             ids: ids.into_iter().map(|i| i as u32).collect(),
             cands: Box::default(),
+            matches: None,
             prefix,
             pairs,
         }))
@@ -1320,6 +1405,14 @@ impl Inner {
             if !dfa.is_match(sid) {
                 continue;
             }
+            if let Some(table) = &searcher.matches {
+                for &(len, from, to) in table.at(sid) {
+                    if at - len as usize == s {
+                        self.check_cands(from, to, s, at, bytes, runs, chains, raw, allow);
+                    }
+                }
+                continue;
+            }
             for k in 0..dfa.match_len(sid) {
                 let pid = dfa.match_pattern(sid, k);
                 if at - dfa.pattern_len(pid) == s {
@@ -1346,6 +1439,24 @@ impl Inner {
         allow: &mut Vec<(usize, usize)>,
     ) {
         let (from, to) = searcher.cands[pid.as_usize()];
+        self.check_cands(from, to, s, e, bytes, runs, chains, raw, allow);
+    }
+
+    /// [`Inner::check`] for the candidates `from..to` of `Inner::cands`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn check_cands(
+        &self,
+        from: u32,
+        to: u32,
+        s: usize,
+        e: usize,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
         for cand in &self.cands[from as usize..to as usize] {
             let want = &self.runs[cand.runs.0 as usize..cand.runs.1 as usize];
             if !bounds_ok(bytes, chains, s, e, cand) || !runs_ok(bytes, runs, s, want, cand) {
@@ -1803,6 +1914,46 @@ mod tests {
         for w in ["the weather is nice", "lol", "ok"] {
             assert!(skipped.contains(&w), "{w:?} is walked: {skipped:?}");
         }
+    }
+
+    #[test]
+    fn the_match_table_agrees_with_the_dfa() {
+        let lex = Lexicon::embedded().unwrap();
+        let words = lex.inner.words.as_ref().unwrap();
+        let table = words
+            .matches
+            .as_ref()
+            .expect("the words DFA has the expected layout");
+        let dfa = &words.dfa;
+        // Every match state a walk can reach: what the table says it finds is what the DFA
+        // says.
+        let start = dfa.start_state(Anchored::Yes).unwrap();
+        let mut seen = std::collections::HashSet::from([start]);
+        let (mut queue, mut matches) = (vec![start], 0);
+        while let Some(sid) = queue.pop() {
+            if dfa.is_match(sid) {
+                matches += 1;
+                let want: Vec<(u32, u32, u32)> = (0..dfa.match_len(sid))
+                    .map(|k| {
+                        let pid = dfa.match_pattern(sid, k);
+                        let (a, b) = words.cands[pid.as_usize()];
+                        (dfa.pattern_len(pid) as u32, a, b)
+                    })
+                    .collect();
+                assert_eq!(table.at(sid), &want[..]);
+            }
+            for b in 0..=255u8 {
+                let next = dfa.next_state(Anchored::Yes, sid, b);
+                if !dfa.is_dead(next) && seen.insert(next) {
+                    queue.push(next);
+                }
+            }
+            if seen.len() > 3000 {
+                // Enough states (the whole walk of ~20,000 is slow in a debug build).
+                break;
+            }
+        }
+        assert!(matches > 100, "{matches}");
     }
 
     #[test]
