@@ -290,6 +290,11 @@ impl Moderator {
         if let TextModel::Ready(c) = &self.inner.text_model {
             let s = c.stats();
             for (name, help, v) in [
+                (
+                    "submitted_total",
+                    "Messages admitted into the text model's queue.",
+                    s.submitted,
+                ),
                 ("batches_total", "Text model runs.", s.batches),
                 (
                     "batched_items_total",
@@ -310,6 +315,11 @@ impl Moderator {
                     "cancelled_total",
                     "Queued messages whose requester had gone.",
                     s.cancelled,
+                ),
+                (
+                    "failed_total",
+                    "Messages answered with an input or model error.",
+                    s.failed,
                 ),
                 (
                     "busy_seconds_total",

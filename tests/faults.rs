@@ -703,7 +703,13 @@ async fn client_disconnect_mid_batch_leaks_nothing() {
     let server = Proc::start(&config);
     let mut steady = server.connect().await;
     moderate(&mut steady, "s0", json!({"text":"hello"})).await;
+    // Messages the text model admitted or refused so far.
+    let admitted = || async {
+        server.metric("chatguard_text_model_submitted_total").await
+            + server.metric("chatguard_text_model_overloads_total").await
+    };
     for round in 0..3 {
+        let before = if model { admitted().await } else { 0.0 };
         let mut ws = server.connect().await;
         for i in 0..200 {
             let text = if i % 3 == 0 {
@@ -715,6 +721,15 @@ async fn client_disconnect_mid_batch_leaks_nothing() {
                 &mut ws,
                 json!({"type":"moderate","id":format!("r{round}-b{i}"),"user":format!("u{i}"),"text":text}),
             )
+            .await;
+        }
+        if model {
+            // The server has read the whole batch (each message reached the model's queue)
+            // before the client goes: dropping a socket with unread replies resets the
+            // connection, and a reset discards whatever the server had not read yet.
+            eventually("the server reads the whole batch", || async {
+                admitted().await >= before + 200.0
+            })
             .await;
         }
         // Drop the socket without a close handshake or reading anything.
@@ -743,11 +758,14 @@ async fn client_disconnect_mid_batch_leaks_nothing() {
             .await;
         let cancelled = server.metric("chatguard_text_model_cancelled_total").await;
         let timeouts = server.metric("chatguard_text_model_timeouts_total").await;
+        let failed = server.metric("chatguard_text_model_failed_total").await;
+        let submitted = server.metric("chatguard_text_model_submitted_total").await;
         eprintln!(
-            "text model: {batched} messages run, {cancelled} dropped (requester gone), \
-             {timeouts} timed out"
+            "text model: {submitted} admitted, {batched} run, {cancelled} dropped (requester \
+             gone), {timeouts} timed out, {failed} failed"
         );
-        assert!(batched + cancelled + timeouts >= 600.0);
+        assert!(submitted >= 600.0, "{submitted}");
+        assert_eq!(batched + cancelled + timeouts + failed, submitted);
     }
     // The last request of each dropped batch was still judged, and its verdict is kept.
     for round in 0..3 {
