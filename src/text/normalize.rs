@@ -79,9 +79,6 @@ pub struct Normalized {
     len: usize,
     /// Whether `starts`/`ends` were filled (see [`Normalized::set_unmapped`]).
     mapped: bool,
-    /// [`Normalized::set_mapped_to`]: when not `0`, the mapped fast path may stop at the
-    /// first space it writes at or past folded byte `stop - 1`.
-    stop: usize,
     /// Which kinds of chars `text` holds (`HAS_*` bits), so the lexicon can skip automata.
     has: u8,
     /// Cache: what recent non-ASCII chars do, by [`recipe_slot`] (empty until the first).
@@ -655,21 +652,21 @@ impl Normalized {
     /// Normalizes `text` into `self`, reusing its buffers. Text longer than
     /// [`MAX_TEXT_BYTES`] is cut at a char boundary.
     pub fn set(&mut self, text: &str) {
-        self.fill(text, true, true);
+        self.fill(text, true, true, usize::MAX);
     }
 
     /// Like [`set`](Self::set) but without the offset map ([`original_range`](
     /// Self::original_range) gives `None`): a little cheaper when only the folded text is
     /// needed (duplicate keys).
     pub fn set_unmapped(&mut self, text: &str) {
-        self.fill(text, false, false);
+        self.fill(text, false, false, usize::MAX);
     }
 
     /// Like [`set`](Self::set), but the offset map is filled only where that is cheap to do
     /// at once: texts that take the general path. [`is_mapped`](Self::is_mapped) tells; when
     /// it is `false` and a match needs mapping, [`set`](Self::set) the same text again.
     pub fn set_lazy(&mut self, text: &str) {
-        self.fill(text, false, true);
+        self.fill(text, false, true, usize::MAX);
     }
 
     /// Like [`set`](Self::set), for a text that [`set_lazy`](Self::set_lazy) folded
@@ -677,9 +674,7 @@ impl Normalized {
     /// are needed: the fold may stop at the first space it writes past `upto`, which saves
     /// the rest of a long text when a match is near its start.
     pub(crate) fn set_mapped_to(&mut self, text: &str, upto: usize) {
-        self.stop = upto + 1;
-        self.fill(text, true, true);
-        self.stop = 0;
+        self.fill(text, true, true, upto);
     }
 
     /// Whether [`original_range`](Self::original_range) works on this value.
@@ -695,23 +690,23 @@ impl Normalized {
     }
 
     /// Folds `text`; `map`: with the offset map on the fast path, `map_general`: on the
-    /// general path.
-    fn fill(&mut self, text: &str, map: bool, map_general: bool) {
+    /// general path; `upto`: see [`Normalized::fill_simple`].
+    fn fill(&mut self, text: &str, map: bool, map_general: bool, upto: usize) {
         let text = clip(text, MAX_TEXT_BYTES);
         self.mapped = map;
         self.has = 0;
         self.chains.clear();
         let mut fast = if map {
-            self.fill_simple::<true, false>(text)
+            self.fill_simple::<true, false>(text, upto)
         } else {
-            self.fill_simple::<false, false>(text)
+            self.fill_simple::<false, false>(text, upto)
         };
         if fast == Fast::Rich {
             self.has = 0;
             fast = if map {
-                self.fill_simple::<true, true>(text)
+                self.fill_simple::<true, true>(text, upto)
             } else {
-                self.fill_simple::<false, true>(text)
+                self.fill_simple::<false, true>(text, upto)
             };
         }
         if fast != Fast::Done {
@@ -761,8 +756,11 @@ impl Normalized {
     /// Every folded char here comes from at least one byte of its own, so the folded text is
     /// never longer than the input: the buffers are grown to the input's length if need be
     /// and written by index; [`Normalized::len`] says how much was written.
+    ///
+    /// With `MAP`, it may stop at the first space it writes past folded byte `upto`
+    /// ([`Normalized::set_mapped_to`]; `usize::MAX`: never).
     #[inline(never)]
-    fn fill_simple<const MAP: bool, const RICH: bool>(&mut self, text: &str) -> Fast {
+    fn fill_simple<const MAP: bool, const RICH: bool>(&mut self, text: &str, upto: usize) -> Fast {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
@@ -982,7 +980,7 @@ impl Normalized {
                     ends[w] = at;
                 }
                 w += 1;
-                if MAP && n.stop != 0 && w >= n.stop {
+                if MAP && w > upto {
                     // Enough for `set_mapped_to`.
                     n.len = w;
                     return Fast::Done;
@@ -1577,8 +1575,16 @@ mod tests {
     fn assert_rich_variant_folds(texts: &[&str]) {
         let mut x = Normalized::new();
         for &text in texts {
-            assert_eq!(x.fill_simple::<true, false>(text), Fast::Rich, "{text:?}");
-            assert_eq!(x.fill_simple::<true, true>(text), Fast::Done, "{text:?}");
+            assert_eq!(
+                x.fill_simple::<true, false>(text, usize::MAX),
+                Fast::Rich,
+                "{text:?}"
+            );
+            assert_eq!(
+                x.fill_simple::<true, true>(text, usize::MAX),
+                Fast::Done,
+                "{text:?}"
+            );
         }
     }
 
@@ -1623,7 +1629,11 @@ mod tests {
             "감'3",
             "哈'a",
         ] {
-            assert_eq!(x.fill_simple::<true, true>(text), Fast::General, "{text:?}");
+            assert_eq!(
+                x.fill_simple::<true, true>(text, usize::MAX),
+                Fast::General,
+                "{text:?}"
+            );
         }
         let x = Normalized::of("好的 没问题 哈哈!");
         assert_eq!(x.as_str(), "好的没问题哈");
