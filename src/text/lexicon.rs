@@ -1306,7 +1306,8 @@ impl Inner {
             for k in 0..dfa.match_len(sid) {
                 let pid = dfa.match_pattern(sid, k);
                 let s = at - dfa.pattern_len(pid);
-                self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+                let (from, to) = searcher.cands[pid.as_usize()];
+                self.check(from, to, s, at, bytes, runs, chains, raw, allow);
             }
         }
     }
@@ -1420,7 +1421,7 @@ impl Inner {
             if let Some(table) = &searcher.matches {
                 for &(len, from, to) in table.at(sid) {
                     if at - len as usize == s {
-                        self.check_cands(from, to, s, at, bytes, runs, chains, raw, allow);
+                        self.check(from, to, s, at, bytes, runs, chains, raw, allow);
                     }
                 }
                 continue;
@@ -1428,36 +1429,18 @@ impl Inner {
             for k in 0..dfa.match_len(sid) {
                 let pid = dfa.match_pattern(sid, k);
                 if at - dfa.pattern_len(pid) == s {
-                    self.check(searcher, pid, s, at, bytes, runs, chains, raw, allow);
+                    let (from, to) = searcher.cands[pid.as_usize()];
+                    self.check(from, to, s, at, bytes, runs, chains, raw, allow);
                 }
             }
         }
     }
 
-    /// Checks the candidates of `searcher`'s pattern `pid` occurring at folded `s..e` and
-    /// records those that pass.
+    /// Checks the candidates `from..to` of `Inner::cands` (a pattern's, [`Searcher::cands`])
+    /// occurring at folded `s..e` and records those that pass.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn check(
-        &self,
-        searcher: &Searcher,
-        pid: aho_corasick::PatternID,
-        s: usize,
-        e: usize,
-        bytes: &[u8],
-        runs: &[u8],
-        chains: &[(u32, u32)],
-        raw: &mut Vec<(usize, usize, u32)>,
-        allow: &mut Vec<(usize, usize)>,
-    ) {
-        let (from, to) = searcher.cands[pid.as_usize()];
-        self.check_cands(from, to, s, e, bytes, runs, chains, raw, allow);
-    }
-
-    /// [`Inner::check`] for the candidates `from..to` of `Inner::cands`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    fn check_cands(
         &self,
         from: u32,
         to: u32,
