@@ -1214,6 +1214,23 @@ impl Builder<'_> {
                 self.space();
             }
             let n = &mut *self.n;
+            let lower = |b: u8| b | 0x20;
+            if !apostrophes && word.windows(2).all(|p| lower(p[0]) != lower(p[1])) {
+                // No letter repeats: one char a byte, written in bulk.
+                n.text.extend(word.iter().map(|&b| lower(b)));
+                n.runs.resize(n.runs.len() + word.len(), 1);
+                if self.map {
+                    let (from, to) = (start as u32, j as u32);
+                    n.starts.extend(from..to);
+                    n.ends.extend(from + 1..to + 1);
+                }
+                self.last_char = Some(char::from(lower(word[word.len() - 1])));
+                self.last_unspaced = false;
+                self.gap = 0;
+                self.gap_first = '\0';
+                self.gap_newline = false;
+                return Some(k);
+            }
             let mut last = 0u8;
             for (pos, &b) in (start as u32..).zip(word) {
                 if apostrophes && b == b'\'' {
@@ -1515,6 +1532,29 @@ impl Builder<'_> {
     }
 
     fn emit(&mut self, c: char, start: u32, end: u32) {
+        if c.is_ascii()
+            && self
+                .last_char
+                .is_none_or(|last| last != c && last.is_ascii())
+        {
+            // The common char: one byte, no repeat, no change of script.
+            let b = c as u8;
+            let n = &mut *self.n;
+            n.has |= match b {
+                b'0'..=b'9' => HAS_DIGIT,
+                b'*' => HAS_STAR,
+                _ => 0,
+            };
+            n.text.push(b);
+            n.runs.push(1);
+            if self.map {
+                n.starts.push(start);
+                n.ends.push(end);
+            }
+            self.last_char = Some(c);
+            self.last_unspaced = false;
+            return;
+        }
         let unspaced = is_unspaced(c);
         if let Some(last) = self.last_char {
             if last == c && !c.is_ascii_digit() {
