@@ -1778,25 +1778,38 @@ mod tests {
         let prefix = words.prefix.as_ref().expect("word patterns are all [a-z ]");
         let dfa = &words.dfa;
         let start = dfa.start_state(Anchored::Yes).unwrap();
+        // Per pattern: whether every entry it stands for must end at a word end.
+        let end_bound = |pid: aho_corasick::PatternID| {
+            let (from, to) = words.cands[pid.as_usize()];
+            inner.cands[from as usize..to as usize]
+                .iter()
+                .all(|c| c.bound_end)
+        };
         // Whether a walk over `text` finds a pattern that starts where it does (as
         // `Inner::walk` checks: a match state also lists patterns that end there but start
-        // later).
-        let finds = |text: &[u8]| {
+        // later); with `bounded`, as in a text without chains: only patterns that pass the
+        // end boundary.
+        let finds_in = |text: &[u8], bounded: bool| {
             let mut sid = start;
             for (at, &b) in (1..).zip(text) {
                 sid = dfa.next_state(Anchored::Yes, sid, b);
                 if dfa.is_dead(sid) {
                     return false;
                 }
+                let ends_word = text.get(at).is_none_or(|&b| b == b' ');
                 if dfa.is_match(sid)
-                    && (0..dfa.match_len(sid))
-                        .any(|k| dfa.pattern_len(dfa.match_pattern(sid, k)) == at)
+                    && (0..dfa.match_len(sid)).any(|k| {
+                        let pid = dfa.match_pattern(sid, k);
+                        dfa.pattern_len(pid) == at && (!bounded || ends_word || !end_bound(pid))
+                    })
                 {
                     return true;
                 }
             }
             false
         };
+        let finds = |text: &[u8]| finds_in(text, false);
+        let finds_bounded = |text: &[u8]| finds_in(text, true);
         let mut texts: Vec<String> = Vec::new();
         for e in &inner.entries {
             for t in [&e.term[..], "", "x", "ab", "a*", "s", "s and more words"] {
@@ -1819,32 +1832,6 @@ mod tests {
                 texts.push(t);
             }
         }
-        // The same, for a text without chains: only patterns that pass the end boundary.
-        let end_bound = |pid: aho_corasick::PatternID| {
-            let (from, to) = words.cands[pid.as_usize()];
-            inner.cands[from as usize..to as usize]
-                .iter()
-                .all(|c| c.bound_end)
-        };
-        let finds_bounded = |text: &[u8]| {
-            let mut sid = start;
-            for (at, &b) in (1..).zip(text) {
-                sid = dfa.next_state(Anchored::Yes, sid, b);
-                if dfa.is_dead(sid) {
-                    return false;
-                }
-                let ends_word = text.get(at).is_none_or(|&b| b == b' ');
-                if dfa.is_match(sid)
-                    && (0..dfa.match_len(sid)).any(|k| {
-                        let pid = dfa.match_pattern(sid, k);
-                        dfa.pattern_len(pid) == at && (ends_word || !end_bound(pid))
-                    })
-                {
-                    return true;
-                }
-            }
-            false
-        };
         let may_walk_words = |text: &[u8]| {
             let start = prefix.may_start(text);
             start != 0 && prefix.may_find(text, start)
