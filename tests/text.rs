@@ -429,6 +429,15 @@ fn large_input() {
 
 /// Asserts that the fast path (mapped, unmapped and lazy) folds `text` exactly like the general
 /// path: folded text, runs, chains, `has` bits and the offset of every folded byte.
+/// [`Normalized::spaces`] of folded `bytes`, byte by byte.
+fn space_bits(bytes: &[u8]) -> Vec<u64> {
+    let mut bits = vec![0u64; bytes.len().div_ceil(64)];
+    for (i, _) in bytes.iter().enumerate().filter(|&(_, &b)| b == b' ') {
+        bits[i / 64] |= 1 << (i % 64);
+    }
+    bits
+}
+
 pub(crate) fn check_fast_path(text: &str) {
     let mut general = Normalized::new();
     general.set_general(text);
@@ -437,12 +446,24 @@ pub(crate) fn check_fast_path(text: &str) {
     unmapped.set_unmapped(text);
     let mut lazy = Normalized::new();
     lazy.set_lazy(text);
-    for fast in [&mapped, &unmapped, &lazy] {
+    // One value reused across calls too: what earlier texts left in its buffers must not
+    // show through.
+    thread_local! {
+        static REUSED: std::cell::RefCell<Normalized> = std::cell::RefCell::default();
+    }
+    let reused = REUSED.with_borrow_mut(|reused| {
+        reused.set_lazy(text);
+        reused.clone()
+    });
+    let want_spaces = space_bits(general.as_bytes());
+    for fast in [&mapped, &unmapped, &lazy, &reused] {
         assert_eq!(fast.as_str(), general.as_str(), "{text:?}");
         assert_eq!(fast.runs(), general.runs(), "{text:?}");
         assert_eq!(fast.chains(), general.chains(), "{text:?}");
         assert_eq!(fast.has(), general.has(), "{text:?}");
+        assert_eq!(fast.spaces(), want_spaces, "{text:?}");
     }
+    assert_eq!(general.spaces(), want_spaces, "{text:?}");
     for i in 0..general.len() {
         assert_eq!(
             mapped.original_range(i..i + 1),

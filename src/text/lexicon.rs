@@ -15,7 +15,7 @@
 //! dropped. The file format is documented in `wordlists/README.md`.
 
 use super::normalize::{
-    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, PAD, is_unspaced, zero_bytes,
+    HAS_DIGIT, HAS_NON_ASCII, HAS_STAR, MAX_TEXT_BYTES, Normalized, is_unspaced,
 };
 use super::{Match, Severity};
 use aho_corasick::automaton::{Automaton, StateID};
@@ -492,7 +492,7 @@ impl Lexicon {
         let chains = norm.chains();
         let (raw, allow) = (&mut scratch.raw, &mut scratch.allow);
         if let Some(words) = &inner.words {
-            inner.search_words(words, norm.padded_bytes(), bytes, runs, chains, raw, allow);
+            inner.search_words(words, norm.spaces(), bytes, runs, chains, raw, allow);
         }
         if let Some(latin) = &inner.latin
             && latin.may_occur(bytes)
@@ -908,16 +908,6 @@ impl Searcher {
     }
 }
 
-/// One bit per byte of the little-endian word `v` (bit `i` for byte `i`): whether it is a
-/// space. Exact: the zero-byte test below has no false positives (no carries across bytes).
-#[inline]
-fn space_bits(v: u64) -> u64 {
-    // High bit of each byte set where the byte is a space.
-    let zero = zero_bytes(v ^ 0x2020_2020_2020_2020);
-    // Gather the eight high bits into the low byte.
-    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
-}
-
 /// Per first bytes of a walk: whether it may find something.
 struct Prefixes {
     /// Like `any`, for a text without chains (the only kind whose word starts
@@ -1320,7 +1310,7 @@ impl Inner {
     fn search_words(
         &self,
         searcher: &Searcher,
-        padded: &[u8],
+        spaces: &[u64],
         bytes: &[u8],
         runs: &[u8],
         chains: &[(u32, u32)],
@@ -1346,26 +1336,17 @@ impl Inner {
             }
             return;
         }
-        // No chain: the word starts only, found 64 bytes at a time (the last block padded,
-        // so that every block takes the same eight SWAR steps, with no loop whose count
-        // depends on the length), and the ones the first prefix test lets through listed
+        // No chain: the word starts only, 64 bytes at a time from the bits of the spaces that
+        // the normalizer recorded, and the ones the first prefix test lets through listed
         // without branching on it; the second test, dearer and needed by few, runs on the
         // listed ones.
         let mut carry = 1u64;
-        let blocks = padded.chunks_exact(PAD).take(bytes.len().div_ceil(PAD));
-        for (block, base) in blocks.zip((0..).step_by(PAD)) {
-            let block: &[u8; PAD] = block.try_into().expect("64 bytes");
-            // Eight bytes at a time (SWAR), eight times.
-            let mut spaces = 0u64;
-            for (k, word) in block.chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                spaces |= space_bits(v) << (8 * k);
-            }
+        for (&spaces, base) in spaces.iter().zip((0..).step_by(64)) {
             let mut starts = spaces << 1 | carry;
             carry = spaces >> 63;
             let left = bytes.len() - base;
-            if left < PAD {
-                // The padding holds no text.
+            if left < 64 {
+                // Past the end (a start after a trailing space cannot be: there is none).
                 starts &= (1u64 << left) - 1;
             }
             // Offsets in the block, with what `may_start` said in the top two bits.
@@ -1963,19 +1944,6 @@ mod tests {
             found += out.len();
         }
         assert!(found >= 3 * 140, "{found}");
-    }
-
-    #[test]
-    fn space_bits_marks_exactly_the_spaces() {
-        let bytes: Vec<u8> = (0..=255u8).chain([b' '; 9]).chain(*b"a b  c d").collect();
-        for word in bytes.windows(8) {
-            let v = u64::from_le_bytes(word.try_into().unwrap());
-            let want = word
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (i, &b)| m | u64::from(b == b' ') << i);
-            assert_eq!(space_bits(v), want, "{word:?}");
-        }
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub struct Normalized {
     runs: Vec<u8>,
     /// Byte ranges of `text` that are joined single-letter chains (`f.u.c.k`).
     chains: Vec<(u32, u32)>,
+    /// One bit per byte of `text` (bit `i % 64` of word `i / 64`): whether it is a space;
+    /// exact for the first `len` bytes, zero after them in the last word. The fast path sets
+    /// the bits as it writes the spaces, the general path computes them afterwards, and the
+    /// lexicon lists word starts from them without reading the text again.
+    spaces: Vec<u64>,
     /// How many bytes of `text` and `runs` (and of `starts`/`ends` when mapped) hold the
     /// folded text: the fast path leaves its buffers at their size and records the length
     /// here, so that the next message needs neither a resize nor a branch on one.
@@ -230,8 +235,18 @@ const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
 /// Per byte of the little-endian word `v`: the high bit set where the byte is zero, all else
 /// clear. Exact (no carries across bytes).
 #[inline]
-pub(crate) fn zero_bytes(v: u64) -> u64 {
+fn zero_bytes(v: u64) -> u64 {
     !(((v & LOW_BITS) + LOW_BITS) | v | LOW_BITS)
+}
+
+/// One bit per byte of the little-endian word `v` (bit `i` for byte `i`): whether it is a
+/// space. Exact: the zero-byte test has no false positives (no carries across bytes).
+#[inline]
+fn space_bits(v: u64) -> u64 {
+    // High bit of each byte set where the byte is a space.
+    let zero = zero_bytes(v ^ 0x2020_2020_2020_2020);
+    // Gather the eight high bits into the low byte.
+    (zero >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
 /// Per byte of the little-endian word `v`: the high bit set where the byte is an ASCII letter
@@ -488,8 +503,9 @@ fn mixed_token<const MAP: bool>(
     Some(end)
 }
 
-/// [`Normalized::padded_bytes`]: the folded text is readable in blocks of this many bytes.
-pub(crate) const PAD: usize = 64;
+/// [`Normalized::spaces`]: bits per word. The general path's folded text is padded with zero
+/// bytes to a multiple of this, so its bits are computed 64 bytes at a time.
+const PAD: usize = 64;
 
 /// Makes `v` at least `len` long (new elements zero); never shrinks it.
 fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
@@ -742,6 +758,21 @@ impl Normalized {
         b.run(text);
         self.len = self.text.len();
         grow(&mut self.text, self.len.next_multiple_of(PAD));
+        // The padding is zero bytes (the text was cleared, then grown), never spaces.
+        self.spaces.clear();
+        self.spaces.extend(
+            self.text[..self.len.next_multiple_of(PAD)]
+                .chunks_exact(PAD)
+                .map(|block| {
+                    block
+                        .chunks_exact(8)
+                        .enumerate()
+                        .fold(0, |bits, (k, word)| {
+                            let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                            bits | space_bits(v) << (8 * k)
+                        })
+                }),
+        );
     }
 
     /// Fast path for the common message: ASCII letters and numbers, whitespace, punctuation,
@@ -764,8 +795,13 @@ impl Normalized {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
-        grow(&mut n.text, (len + 8).next_multiple_of(PAD));
+        grow(&mut n.text, len + 8);
         grow(&mut n.runs, len + 8);
+        // The folded text is never longer than the input.
+        let words = len.div_ceil(PAD);
+        grow(&mut n.spaces, words);
+        let spaces = &mut n.spaces[..words];
+        spaces.fill(0);
         if MAP {
             grow(&mut n.starts, len + 8);
             grow(&mut n.ends, len + 8);
@@ -933,6 +969,7 @@ impl Normalized {
                         if joins && !in_unspaced {
                             // Drop the space written after the last token.
                             w -= 1;
+                            spaces[w / PAD] &= !(1 << (w % PAD));
                         }
                         let k = end - i;
                         if joins && u32::from(c) == unspaced_last {
@@ -974,6 +1011,7 @@ impl Normalized {
                 prev_single = single;
                 out[w] = b' ';
                 runs[w] = 1;
+                spaces[w / PAD] |= 1 << (w % PAD);
                 if MAP {
                     let at = ends[w - 1];
                     starts[w] = at;
@@ -1010,6 +1048,7 @@ impl Normalized {
             }
         } else if w > 0 && out[w - 1] == b' ' {
             w -= 1;
+            spaces[w / PAD] &= !(1 << (w % PAD));
         }
         n.len = w;
         Fast::Done
@@ -1026,10 +1065,10 @@ impl Normalized {
         &self.text[..self.len]
     }
 
-    /// The folded text followed by [`PAD`]ding to a multiple of 64 bytes (whatever bytes an
-    /// earlier text left there), so that the lexicon can read whole 64-byte blocks.
-    pub(crate) fn padded_bytes(&self) -> &[u8] {
-        &self.text[..self.len.next_multiple_of(PAD)]
+    /// Where the folded text has spaces: one bit per byte, bit `i % 64` of word `i / 64`
+    /// for byte `i`, as many words as cover [`Normalized::len`] bytes (bits past it clear).
+    pub fn spaces(&self) -> &[u64] {
+        &self.spaces[..self.len.div_ceil(PAD)]
     }
 
     /// Length of the folded text in bytes.
@@ -1681,6 +1720,19 @@ mod tests {
     }
 
     #[test]
+    fn space_bits_marks_exactly_the_spaces() {
+        let bytes: Vec<u8> = (0..=255u8).chain([b' '; 9]).chain(*b"a b  c d").collect();
+        for word in bytes.windows(8) {
+            let v = u64::from_le_bytes(word.try_into().unwrap());
+            let want = word
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (i, &b)| m | u64::from(b == b' ') << i);
+            assert_eq!(space_bits(v), want, "{word:?}");
+        }
+    }
+
+    #[test]
     fn letter_and_zero_bytes_are_exact() {
         // Every byte value at every position, among neighbours of every kind.
         for fill in [0u8, b'a', b'Z', b' ', 0x7f, 0x80, 0xff] {
@@ -1787,6 +1839,7 @@ mod tests {
             assert_eq!(reused.len(), fresh.len(), "{text:?}");
             assert_eq!(reused.is_empty(), fresh.is_empty(), "{text:?}");
             assert_eq!(reused.runs(), fresh.runs(), "{text:?}");
+            assert_eq!(reused.spaces(), fresh.spaces(), "{text:?}");
             for end in 0..=fresh.len() + 1 {
                 assert_eq!(
                     reused.original_range(0..end),
