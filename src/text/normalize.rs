@@ -503,6 +503,13 @@ fn mixed_token<const MAP: bool>(
     Some(end)
 }
 
+/// [`Normalized::padded_bytes`]: bytes readable past the folded text (the fast path also
+/// writes up to eight bytes past what it keeps).
+pub(crate) const TAIL: usize = 16;
+
+/// [`Normalized::padded_bytes`]: at least this many bytes, however short the text.
+pub(crate) const MIN_PADDED: usize = 48;
+
 /// [`Normalized::spaces`]: bits per word. The general path's folded text is padded with zero
 /// bytes to a multiple of this, so its bits are computed 64 bytes at a time.
 const PAD: usize = 64;
@@ -757,7 +764,7 @@ impl Normalized {
         };
         b.run(text);
         self.len = self.text.len();
-        grow(&mut self.text, self.len.next_multiple_of(PAD));
+        grow(&mut self.text, (self.len + TAIL).next_multiple_of(PAD));
         // The padding is zero bytes (the text was cleared, then grown), never spaces.
         self.spaces.clear();
         self.spaces.extend(
@@ -795,7 +802,7 @@ impl Normalized {
         let bytes = text.as_bytes();
         let len = bytes.len();
         let n = &mut *self;
-        grow(&mut n.text, len + 8);
+        grow(&mut n.text, (len + TAIL).max(MIN_PADDED));
         grow(&mut n.runs, len + 8);
         // The folded text is never longer than the input.
         let words = len.div_ceil(PAD);
@@ -1063,6 +1070,12 @@ impl Normalized {
     /// The folded text as bytes (what the lexicon searches).
     pub fn as_bytes(&self) -> &[u8] {
         &self.text[..self.len]
+    }
+
+    /// The folded text and at least [`TAIL`] bytes after it, [`MIN_PADDED`] bytes in all at
+    /// least (whatever bytes an earlier text left there), for readers of whole blocks.
+    pub(crate) fn padded_bytes(&self) -> &[u8] {
+        &self.text[..(self.len + TAIL).max(MIN_PADDED)]
     }
 
     /// Where the folded text has spaces: one bit per byte, bit `i % 64` of word `i / 64`
