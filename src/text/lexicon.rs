@@ -1029,13 +1029,17 @@ const LONG: usize = 8;
 
 impl Prefixes {
     /// What a walk from the start of `bytes` may come to, by its first four bytes only
-    /// ([`ALIVE`], [`LONG_ONLY`]; cheap enough to run on every word start). Fewer bytes:
-    /// `ALIVE`, for [`Prefixes::may_find`] to decide.
+    /// ([`ALIVE`], [`LONG_ONLY`]; cheap enough to run on every word start). Fewer bytes (a
+    /// short last word): by [`Prefixes::end`], `0` or `ALIVE`, so that most such starts are
+    /// not listed at all.
     /// In a text without chains; by [`Prefixes::four`] (`0` or [`ALIVE`],
     /// `ALIVE | LONG_ONLY`, [`FIFTH`]).
     #[inline]
     fn may_start(&self, bytes: &[u8]) -> u8 {
-        Self::lookup(&self.four, bytes)
+        match *bytes {
+            [_, _, _, _, ..] => Self::lookup(&self.four, bytes),
+            _ => ALIVE * u8::from(bit(&self.end, end_index(bytes))),
+        }
     }
 
     /// The two bits of `four` (`four` or `any`) for the first four bytes of `bytes`;
