@@ -1417,7 +1417,7 @@ impl Inner {
                         .any(|&(cs, ce)| cs as usize <= s && s < ce as usize)
                 };
                 if (word_start || in_chain()) && prefix.is_none_or(|p| p.may_walk(&bytes[s..])) {
-                    self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
+                    self.walk(searcher, (start, s), s, bytes, runs, chains, raw, allow);
                 }
             }
             return;
@@ -1445,12 +1445,22 @@ impl Inner {
                 list[n] = i | start << 6;
                 n += usize::from(start != 0);
             }
+            // The walks two at a time.
+            let mut pending = None;
             for &i in &list[..n] {
                 let s = base + usize::from(i & 63);
                 if prefix.is_some_and(|p| !p.may_find(&bytes[s..], i >> 6)) {
                     continue;
                 }
-                self.walk(searcher, start, s, bytes, runs, chains, raw, allow);
+                match pending.take() {
+                    None => pending = Some(s),
+                    Some(a) => {
+                        self.walk2(searcher, start, (a, s), bytes, runs, chains, raw, allow);
+                    }
+                }
+            }
+            if let Some(a) = pending {
+                self.walk(searcher, (start, a), a, bytes, runs, chains, raw, allow);
             }
         }
     }
@@ -1462,7 +1472,7 @@ impl Inner {
     fn walk(
         &self,
         searcher: &Searcher,
-        start: StateID,
+        (mut sid, mut at): (StateID, usize),
         s: usize,
         bytes: &[u8],
         runs: &[u8],
@@ -1471,36 +1481,100 @@ impl Inner {
         allow: &mut Vec<(usize, usize)>,
     ) {
         let dfa = &searcher.dfa;
-        let mut sid = start;
-        let mut at = s;
         while at < bytes.len() {
             sid = dfa.next_state(Anchored::Yes, sid, bytes[at]);
             at += 1;
-            if !dfa.is_special(sid) {
-                continue;
-            }
-            if dfa.is_dead(sid) {
+            if dfa.is_special(sid)
+                && !self.special(searcher, sid, s, at, bytes, runs, chains, raw, allow)
+            {
                 break;
             }
-            if !dfa.is_match(sid) {
+        }
+    }
+
+    /// Two walks at once, from `a` and from `b` (as [`Inner::walk`] each): their steps do not
+    /// depend on each other, so the cache misses of the one overlap with those of the other.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn walk2(
+        &self,
+        searcher: &Searcher,
+        start: StateID,
+        (a, b): (usize, usize),
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) {
+        let dfa = &searcher.dfa;
+        let (mut sa, mut ia, mut sb, mut ib) = (start, a, start, b);
+        while ia < bytes.len() && ib < bytes.len() {
+            sa = dfa.next_state(Anchored::Yes, sa, bytes[ia]);
+            sb = dfa.next_state(Anchored::Yes, sb, bytes[ib]);
+            ia += 1;
+            ib += 1;
+            if !dfa.is_special(sa) && !dfa.is_special(sb) {
                 continue;
             }
-            if let Some(table) = &searcher.matches {
-                for &(len, from, to) in table.at(sid) {
-                    if at - len as usize == s {
-                        self.check(from, to, s, at, bytes, runs, chains, raw, allow);
-                    }
+            let alive_a = !dfa.is_special(sa)
+                || self.special(searcher, sa, a, ia, bytes, runs, chains, raw, allow);
+            let alive_b = !dfa.is_special(sb)
+                || self.special(searcher, sb, b, ib, bytes, runs, chains, raw, allow);
+            if !alive_a {
+                if alive_b {
+                    self.walk(searcher, (sb, ib), b, bytes, runs, chains, raw, allow);
                 }
-                continue;
+                return;
             }
-            for k in 0..dfa.match_len(sid) {
-                let pid = dfa.match_pattern(sid, k);
-                if at - dfa.pattern_len(pid) == s {
-                    let (from, to) = searcher.cands[pid.as_usize()];
+            if !alive_b {
+                self.walk(searcher, (sa, ia), a, bytes, runs, chains, raw, allow);
+                return;
+            }
+        }
+        self.walk(searcher, (sa, ia), a, bytes, runs, chains, raw, allow);
+        self.walk(searcher, (sb, ib), b, bytes, runs, chains, raw, allow);
+    }
+
+    /// For a walk from `s` that came to the special state `sid` at `at`: checks what it found
+    /// there; `false` when it is dead.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn special(
+        &self,
+        searcher: &Searcher,
+        sid: StateID,
+        s: usize,
+        at: usize,
+        bytes: &[u8],
+        runs: &[u8],
+        chains: &[(u32, u32)],
+        raw: &mut Vec<(usize, usize, u32)>,
+        allow: &mut Vec<(usize, usize)>,
+    ) -> bool {
+        let dfa = &searcher.dfa;
+        if dfa.is_dead(sid) {
+            return false;
+        }
+        if !dfa.is_match(sid) {
+            return true;
+        }
+        if let Some(table) = &searcher.matches {
+            for &(len, from, to) in table.at(sid) {
+                if at - len as usize == s {
                     self.check(from, to, s, at, bytes, runs, chains, raw, allow);
                 }
             }
+            return true;
         }
+        for k in 0..dfa.match_len(sid) {
+            let pid = dfa.match_pattern(sid, k);
+            if at - dfa.pattern_len(pid) == s {
+                let (from, to) = searcher.cands[pid.as_usize()];
+                self.check(from, to, s, at, bytes, runs, chains, raw, allow);
+            }
+        }
+        true
     }
 
     /// Checks the candidates `from..to` of `Inner::cands` (a pattern's, [`Searcher::cands`])
@@ -2000,6 +2074,58 @@ mod tests {
             }
         }
         assert!(matches > 100, "{matches}");
+    }
+
+    #[test]
+    fn word_walks_find_what_walking_from_everywhere_finds() {
+        // `search_words` walks only from listed word starts, two walks at a time: it must
+        // find what a walk from every position finds (`check` drops what does not start a
+        // word), on real chat lines and on the fixtures.
+        let lex = Lexicon::embedded().unwrap();
+        let inner = &*lex.inner;
+        let words = inner.words.as_ref().unwrap();
+        let start = words.dfa.start_state(Anchored::Yes).unwrap();
+        let data = [
+            include_str!("../../tests/data/text/chat_corpus.txt"),
+            include_str!("../../tests/data/text/positive.txt"),
+            include_str!("../../tests/data/text/negative.txt"),
+            include_str!("../../tests/data/text/safe.txt"),
+        ];
+        let mut norm = Normalized::new();
+        let (mut found, mut multi) = (0, 0);
+        for line in data.iter().flat_map(|d| d.lines()) {
+            let text = line.rsplit('\t').next().unwrap_or(line);
+            norm.set_lazy(text);
+            let (bytes, runs, chains) = (norm.as_bytes(), norm.runs(), norm.chains());
+            let (mut raw, mut allow) = (Vec::new(), Vec::new());
+            inner.search_words(
+                words,
+                norm.spaces(),
+                bytes,
+                runs,
+                chains,
+                &mut raw,
+                &mut allow,
+            );
+            let (mut want_raw, mut want_allow) = (Vec::new(), Vec::new());
+            for s in 0..bytes.len() {
+                let (r, a) = (&mut want_raw, &mut want_allow);
+                inner.walk(words, (start, s), s, bytes, runs, chains, r, a);
+            }
+            for v in [&mut raw, &mut want_raw] {
+                v.sort_unstable();
+            }
+            for v in [&mut allow, &mut want_allow] {
+                v.sort_unstable();
+            }
+            assert_eq!(raw, want_raw, "{text:?}");
+            assert_eq!(allow, want_allow, "{text:?}");
+            found += raw.len();
+            let starts: std::collections::HashSet<usize> = raw.iter().map(|r| r.0).collect();
+            multi += usize::from(starts.len() >= 2);
+        }
+        // Plenty found, and from two word starts of one text often (the paired walks).
+        assert!(found > 1000 && multi > 50, "{found} {multi}");
     }
 
     #[test]
