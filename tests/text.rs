@@ -427,8 +427,6 @@ fn large_input() {
     assert!(lex.scan(&marks).is_empty());
 }
 
-/// Asserts that the fast path (mapped, unmapped and lazy) folds `text` exactly like the general
-/// path: folded text, runs, chains, `has` bits and the offset of every folded byte.
 /// [`Normalized::spaces`] of folded `bytes`, byte by byte.
 fn space_bits(bytes: &[u8]) -> Vec<u64> {
     let mut bits = vec![0u64; bytes.len().div_ceil(64)];
@@ -438,6 +436,9 @@ fn space_bits(bytes: &[u8]) -> Vec<u64> {
     bits
 }
 
+/// Asserts that the fast path (mapped, unmapped, lazy, and lazy into a reused value) folds
+/// `text` exactly like the general path: folded text, runs, chains, `has` bits, space bits and
+/// the offset of every folded byte.
 pub(crate) fn check_fast_path(text: &str) {
     let mut general = Normalized::new();
     general.set_general(text);
