@@ -991,41 +991,60 @@ struct Prefixes {
     /// Like `any`, for a text without chains (the only kind whose word starts
     /// [`Inner::search_words`] lists), where a pattern that must end at a word end is found
     /// only before a space or the end of the text: `con` does not keep `conf…` alive, and
-    /// a walk from `anal…` needs a fifth byte that a pattern goes on with, or a space
-    /// ([`FIFTH`]). Most of the walks it saves would find such a word and fail
-    /// [`bounds_ok`] (`analysis`, `cocktail`, `title`).
+    /// a walk from `anal…` needs a fifth and sixth byte that a pattern goes on with, or a
+    /// space ([`SIX`]). Most of the walks it saves would find such a word and fail
+    /// [`bounds_ok`] (`analysis`, `cocktail`, `title`). [`ALIVE`] here only when a walk
+    /// over the four bytes passes a match.
     four: Box<[u64]>,
-    /// For the [`FIFTH`] entries of `four`, by [`prefix4_index`] (sorted): the classes the
-    /// fifth byte may have (bit 26: space), so that a walk from `anal…` happens only for
-    /// `anal`, `anal retentive` and the like, not for `analysis`.
-    fifth: Box<[(u32, u32)]>,
+    /// One bit per hash of six bytes ([`prefix6_index`], 32 KiB), for the [`SIX`] entries of
+    /// `four`: set when a walk over such six bytes passes a match or goes on. Most of the
+    /// walks that four bytes let through die at the fifth or sixth (`pric|es` for `prick`,
+    /// `grea|t`, `anal|ysis`).
+    six: Box<[u64]>,
     /// Two bits per four byte classes ([`prefix4_index`], 256 KiB): [`ALIVE`] unless a walk
     /// over such four bytes dies without passing a match; [`LONG_ONLY`] too when, besides,
     /// every pattern such a walk may find is at least [`LONG`] bytes long, so that
     /// [`Prefixes::long`] decides. Exact, not hashed: a 16-bit hash let a third of the
     /// dead four-byte starts through (collisions), each a walk for nothing.
     any: Box<[u64]>,
-    /// One bit per hash of eight bytes ([`prefix8_index`]): set for the first eight bytes of
-    /// each pattern at least [`LONG`] bytes long. Phrases such as `the world would …` keep the
-    /// four-byte test passing for every `the w…`; this one stops most of those walks.
-    long: Box<[u64]>,
+    /// One bit per hash of first bytes ([`prefix_index`], 8 KiB each), for the
+    /// [`LONG_ONLY`] entries of `four` and `any`. First `long[0]`: the first [`LONG`] bytes of
+    /// every pattern at least that long. Phrases such as `the world would …` keep the
+    /// four-byte test passing for every `the w…`; this stops most of those walks. Then, for
+    /// the texts it lets through, by tier ([`LONG_TIERS`]): `long[1 + i]` holds the first
+    /// `LONG_TIERS[i]` bytes of each pattern at least that long and shorter than the next
+    /// tier's. `send me …`, `are you …` and `want to …` start dozens of phrases that chat
+    /// lines go on from differently; a walk for a 16-byte phrase now needs the text to
+    /// start with 16 of its bytes.
+    long: [Box<[u64]>; LONG_TIERS.len() + 1],
     /// One bit per one to three bytes at the end of a text ([`end_index`]): set when a walk
     /// over just them passes a match. A short last word (`lol`, `ok`) is walked only when it
     /// is a pattern itself.
     end: Box<[u64]>,
 }
 
-/// [`Prefixes::four`]: a walk over such four bytes may find something.
+/// [`Prefixes::four`]: a walk over such four bytes may find something (in `four`: it passes
+/// a match).
 const ALIVE: u8 = 1;
-/// [`Prefixes::four`]: every pattern a walk over such four bytes may find is long.
+/// [`Prefixes::four`], with [`ALIVE`]: every pattern a walk over such four bytes may find is
+/// long ([`Prefixes::long`] decides).
 const LONG_ONLY: u8 = 2;
-/// [`Prefixes::four`], alone: a walk over such four bytes finds a pattern only if the text
-/// ends there or its fifth byte is one of [`Prefixes::fifth`].
-const FIFTH: u8 = 2;
+/// [`Prefixes::four`], alone: a walk over such four bytes goes on, and may find a short
+/// pattern; [`Prefixes::six`] decides by six bytes.
+const SIX: u8 = 2;
 
 /// Patterns shorter than this are found by walking; the others are first looked up by their
-/// first `LONG` bytes in [`Prefixes::long`].
+/// first bytes in [`Prefixes::long`].
 const LONG: usize = 8;
+
+/// The lengths of the tiers of [`Prefixes::long`]: patterns of `LONG_TIERS[i]` bytes or
+/// more, but fewer than `LONG_TIERS[i + 1]`, are looked up (after the first [`LONG`]) by
+/// that many first bytes.
+const LONG_TIERS: [usize; 3] = [LONG, 12, 16];
+
+/// Bits of [`prefix6_index`]: ~5,300 of the `2^18` are set for the shipped lists (with
+/// `2^16`, as fast, collisions let a twelfth of the dead six-byte starts through).
+const SIX_BITS: u32 = 18;
 
 impl Prefixes {
     /// What a walk from the start of `bytes` may come to, by its first four bytes only
@@ -1033,7 +1052,7 @@ impl Prefixes {
     /// short last word): by [`Prefixes::end`], `0` or `ALIVE`, so that most such starts are
     /// not listed at all.
     /// In a text without chains; by [`Prefixes::four`] (`0` or [`ALIVE`],
-    /// `ALIVE | LONG_ONLY`, [`FIFTH`]).
+    /// `ALIVE | LONG_ONLY`, [`SIX`]).
     #[inline]
     fn may_start(&self, bytes: &[u8]) -> u8 {
         match *bytes {
@@ -1056,28 +1075,41 @@ impl Prefixes {
     }
 
     /// For a start that [`Prefixes::may_start`] lets through, with what it said (`start`):
-    /// whether a walk may find something, by the first eight bytes, the fifth, or, at the
-    /// end of the text, the last few.
+    /// whether a walk may find something, by the first six bytes, the first 8, 12 or 16, or,
+    /// at the end of the text, the last few.
     #[inline]
     fn may_find(&self, bytes: &[u8], start: u8) -> bool {
         match start {
             ALIVE => bytes.len() >= 4 || bit(&self.end, end_index(bytes)),
-            FIFTH => match *bytes {
-                [x, y, z, w, next, ..] => {
-                    let k = prefix4_index([x, y, z, w]) as u32;
-                    let at = self.fifth.partition_point(|&(key, _)| key < k);
-                    let class = classes([next])[0];
-                    self.fifth
-                        .get(at)
-                        .is_some_and(|&(key, mask)| key == k && mask >> class & 1 != 0)
-                }
-                _ => true,
-            },
-            // Fewer than `LONG` bytes left: no long pattern fits.
-            _ => bytes
-                .first_chunk::<LONG>()
-                .is_some_and(|first| bit(&self.long, prefix8_index(first))),
+            // Four or five bytes left: the end of the text counts as a space (both end a
+            // word, and no pattern goes on past either).
+            SIX => {
+                let six = match *bytes {
+                    [a, b, c, d, e, f, ..] => [a, b, c, d, e, f],
+                    [a, b, c, d, e] => [a, b, c, d, e, b' '],
+                    [a, b, c, d] => [a, b, c, d, b' ', b' '],
+                    _ => return true,
+                };
+                bit(&self.six, prefix6_index(&six))
+            }
+            // Too few bytes left for a tier: none of its patterns fits. The first test alone
+            // turns most texts away; the tiers run on the rest.
+            _ => {
+                self.long_hit::<{ LONG_TIERS[0] }>(0, bytes)
+                    && (self.long_hit::<{ LONG_TIERS[0] }>(1, bytes)
+                        | self.long_hit::<{ LONG_TIERS[1] }>(2, bytes)
+                        | self.long_hit::<{ LONG_TIERS[2] }>(3, bytes))
+            }
         }
+    }
+
+    /// Whether `bytes` starts with the first `N` bytes of a pattern of tier `i` of
+    /// [`Prefixes::long`] (by their hash).
+    #[inline(always)]
+    fn long_hit<const N: usize>(&self, i: usize, bytes: &[u8]) -> bool {
+        bytes
+            .first_chunk::<N>()
+            .is_some_and(|first| bit(&self.long[i], prefix_index(first)))
     }
 
     /// Both tests at once, by [`Prefixes::any`] (texts with chains): whether a walk from the
@@ -1127,10 +1159,27 @@ fn prefix4_index(b: [u8; 4]) -> usize {
     x << 15 | y << 10 | z << 5 | w
 }
 
-/// Index into [`Prefixes::long`] of the eight bytes `b`: a 16-bit hash of them.
+/// Index into a tier of [`Prefixes::long`] of its first bytes `b`: a 16-bit hash of them,
+/// eight bytes at a time.
 #[inline]
-fn prefix8_index(b: &[u8; LONG]) -> usize {
-    (u64::from_le_bytes(*b).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize
+fn prefix_index<const N: usize>(b: &[u8; N]) -> usize {
+    let h = b.chunks(8).fold(0u64, |h, chunk| {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    });
+    (h >> 48) as usize
+}
+
+/// Index into [`Prefixes::six`] of the six bytes `b`: a hash of their low five bits (the
+/// slots of [`PREFIX_CLASS`]'s classes, `a..=z` and space each its own; the table is built
+/// so that a byte of class 27, whatever its slot, never hides a walk).
+#[inline]
+fn prefix6_index(b: &[u8; 6]) -> usize {
+    let mut w = [0u8; 8];
+    w[..6].copy_from_slice(b);
+    let v = u64::from_le_bytes(w) & 0x1f1f_1f1f_1f1f;
+    (v.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SIX_BITS)) as usize
 }
 
 /// Index into [`Prefixes::end`] of the last one to three bytes of a text, `b`.
@@ -1199,20 +1248,38 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
         }
         done => done,
     };
-    // The classes a walk at `sid` may go on with, and the space.
-    let next_classes = |sid: StateID| {
-        (0..PREFIX_CLASSES)
-            .filter(|&c| !dfa.is_dead(dfa.next_state(Anchored::Yes, sid, rep(c))))
-            .fold(1u32 << 26, |mask, c| mask | 1 << c)
-    };
-    let mut fifth = Vec::new();
     let set = |bits: &mut [u64], k: usize| bits[k / 64] |= 1 << (k % 64);
     let bits = |n: usize| vec![0u64; n.div_ceil(64)];
-    // `four` and `any` as bit sets: whether alive, whether some short pattern may start
-    // there; `fifth_bits`: alive only by the fifth byte (`fifth`).
-    let (mut any, mut alive, mut fifth_bits) = (bits(FOUR), bits(FOUR), bits(FOUR));
+    // `four` and `any` as bit sets: whether a walk passes a match (`matched`, `four` only)
+    // or goes on (`alive`), whether some short pattern may start there.
+    let (mut any, mut alive, mut matched) = (bits(FOUR), bits(FOUR), bits(FOUR));
     let (mut short_any, mut short) = (bits(FOUR), bits(FOUR));
-    let mut long = bits(1 << 16);
+    let mut six = bits(1 << SIX_BITS);
+    let mut long = [(); LONG_TIERS.len() + 1].map(|()| bits(1 << 16));
+    // `six` for a walk that went on over the four bytes `first` (to `walk`): every fifth and
+    // sixth byte it goes on with or passes a match over. A byte of class 27 is one that no
+    // pattern holds, so a walk over it dies; after a match, the sixth byte may be any, in
+    // any of the 32 slots of `prefix6_index`.
+    let six_of = |six: &mut [u64], walk: Walk, first: [u8; 4]| {
+        let [a, b, c, d] = first;
+        for x in 0..PREFIX_CLASSES {
+            match step(walk, rep(x), 5, true) {
+                Walk::Dead => {}
+                Walk::Matched => {
+                    for slot in 0..32 {
+                        set(six, prefix6_index(&[a, b, c, d, rep(x), slot]));
+                    }
+                }
+                five => {
+                    for y in 0..PREFIX_CLASSES {
+                        if step(five, rep(y), 6, true) != Walk::Dead {
+                            set(six, prefix6_index(&[a, b, c, d, rep(x), rep(y)]));
+                        }
+                    }
+                }
+            }
+        }
+    };
     let n = PREFIX_CLASSES + 1;
     let mut end = bits(n * n * n);
     for x in 0..PREFIX_CLASSES {
@@ -1245,19 +1312,25 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
                     }
                     match step(bz, rep(w), 4, true) {
                         Walk::Dead => {}
-                        Walk::Bound(sid) => {
-                            set(&mut fifth_bits, k);
-                            fifth.push((k as u32, next_classes(sid)));
+                        Walk::Matched => set(&mut matched, k),
+                        walk => {
+                            set(&mut alive, k);
+                            six_of(&mut six, walk, [a, b, c, rep(w)]);
                         }
-                        _ => set(&mut alive, k),
                     }
                 }
             }
         }
     }
     for (p, &bound) in patterns.iter().map(|p| p.as_bytes()).zip(end_bound) {
-        if let Some(first) = p.first_chunk::<LONG>() {
-            set(&mut long, prefix8_index(first));
+        if p.len() >= LONG {
+            let [_, b, c] = LONG_TIERS;
+            set(&mut long[0], prefix_index::<8>(p.first_chunk()?));
+            match p.len() {
+                n if n >= c => set(&mut long[3], prefix_index::<16>(p.first_chunk()?)),
+                n if n >= b => set(&mut long[2], prefix_index::<12>(p.first_chunk()?)),
+                _ => set(&mut long[1], prefix_index::<8>(p.first_chunk()?)),
+            }
             continue;
         }
         // Every four bytes such a pattern may start: its own first four, or, when it is
@@ -1278,28 +1351,30 @@ fn prefix_table(dfa: &DFA, patterns: &[&str], end_bound: &[bool]) -> Option<Pref
             }
         }
     }
-    let table = |alive: &[u64], short: &[u64], fifth_bits: Option<&[u64]>| {
+    // `matched`: `None` for `any` (alive is all it tells).
+    let table = |alive: &[u64], short: &[u64], matched: Option<&[u64]>| {
         let mut four = vec![0u64; FOUR.div_ceil(32)];
         for k in 0..FOUR {
-            let value = if bit(alive, k) {
-                ALIVE | if bit(short, k) { 0 } else { LONG_ONLY }
-            } else if fifth_bits.is_some_and(|s| bit(s, k)) {
-                FIFTH
-            } else {
+            let value = if matched.is_some_and(|m| bit(m, k)) {
+                ALIVE
+            } else if !bit(alive, k) {
                 continue;
+            } else if !bit(short, k) {
+                ALIVE | LONG_ONLY
+            } else if matched.is_some() {
+                SIX
+            } else {
+                ALIVE
             };
             four[k / 32] |= u64::from(value) << (k % 32 * 2);
         }
         four.into_boxed_slice()
     };
     Some(Prefixes {
-        fifth: {
-            fifth.sort_unstable();
-            fifth.into_boxed_slice()
-        },
-        four: table(&alive, &short, Some(&fifth_bits)),
+        four: table(&alive, &short, Some(&matched)),
+        six: six.into_boxed_slice(),
         any: table(&any, &short_any, None),
-        long: long.into_boxed_slice(),
+        long: long.map(Vec::into_boxed_slice),
         end: end.into_boxed_slice(),
     })
 }
@@ -2038,6 +2113,19 @@ mod tests {
         assert!(skipped.len() >= 8, "{skipped:?}");
         for w in ["the weather is nice", "lol", "ok"] {
             assert!(skipped.contains(&w), "{w:?} is walked: {skipped:?}");
+        }
+        // Words whose first four bytes some pattern starts with, but not their first six
+        // (`SIX`), and phrases that start like a long pattern, but not as far as its tier
+        // (`send me …` has `send me the otp` in tier 12, `send me a picture of your id` in
+        // 16): not walked in a text without chains.
+        for w in [
+            "prices",
+            "greatly",
+            "next time",
+            "send me a pic of my cat",
+            "whats the time",
+        ] {
+            assert!(!may_walk_words(w.as_bytes()), "{w:?} is walked");
         }
     }
 
