@@ -71,6 +71,10 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Queue of outgoing frames per connection; a client that stops reading stalls only itself.
     pub outgoing_queue_len: usize,
+    /// How long one outgoing frame may wait for the client to take it, in milliseconds: a
+    /// client that stops reading its replies for longer is disconnected, so that it holds no
+    /// requests and no shutdown forever.
+    pub write_timeout_ms: u64,
     /// How often the config file, wordlists and image hash lists are checked for changes
     /// (modification time and size), in milliseconds; a change reloads them like SIGHUP.
     /// 0 turns the polling off (SIGHUP still reloads); otherwise at least 10.
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             outgoing_queue_len: 512,
+            write_timeout_ms: 30_000,
             reload_poll_ms: 2_000,
         }
     }
@@ -249,6 +254,7 @@ impl Config {
             ("server.max_message_bytes", s.max_message_bytes),
             ("server.max_text_bytes", s.max_text_bytes),
             ("server.outgoing_queue_len", s.outgoing_queue_len),
+            ("server.write_timeout_ms", s.write_timeout_ms as usize),
         ];
         for (name, v) in positive {
             if v == 0 {

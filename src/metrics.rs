@@ -67,6 +67,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Handshakes refused (auth, path, capacity, timeout).
     pub handshakes_rejected: AtomicU64,
+    /// Connections closed because the client stopped reading (`server.write_timeout_ms`).
+    pub write_timeouts: AtomicU64,
     /// Verdicts by action (index: allow, review, block).
     verdicts: [AtomicU64; 3],
     /// Error replies by code.
@@ -131,6 +133,12 @@ impl Metrics {
             "chatguard_handshakes_rejected_total",
             "Handshakes refused (auth, path, capacity, timeout).",
             self.handshakes_rejected.load(Relaxed),
+        );
+        write_counter(
+            &mut out,
+            "chatguard_write_timeouts_total",
+            "Connections closed because the client stopped reading its replies.",
+            self.write_timeouts.load(Relaxed),
         );
         let actions = ["allow", "review", "block"];
         write_labelled(

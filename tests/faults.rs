@@ -8,8 +8,8 @@
 //!
 //! Covered here: corrupt model files, valid models with the wrong tensors, a missing ONNX
 //! Runtime library, a full disk under the behaviour snapshot (at start-up and while serving),
-//! a client that disconnects with a batch in flight, slowloris handshakes, many idle
-//! connections and the global connection limit.
+//! a client that disconnects with a batch in flight, slowloris handshakes, a client that stops
+//! reading its replies, many idle connections and the global connection limit.
 //! Covered elsewhere: missing model files (`e2e::missing_model_files_degrade_instead_of_failing`),
 //! Redis down (`behaviour::a_redis_outage_degrades_verdicts_and_reconciles_after`).
 
@@ -844,6 +844,61 @@ async fn slowloris_handshakes_are_cut_off_by_the_handshake_deadline() {
     .await;
     assert_eq!(server.metric("chatguard_connections_open").await, 1.0);
     moderate(&mut ws, "n2", json!({"text":"still served"})).await;
+}
+
+/// A client that stops reading its replies: once one reply has waited `server.write_timeout_ms`
+/// for it, the server drops the connection (counted in `chatguard_write_timeouts_total`)
+/// instead of holding it, its requests and the server's shutdown forever; another client is
+/// served meanwhile.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
+    use futures_util::SinkExt;
+    let server = crate::common::Server::start(|raw| {
+        raw.server.write_timeout_ms = 300;
+        raw.server.outgoing_queue_len = 4;
+    })
+    .await;
+    let mut stalled = server.connect().await;
+    // Pings, never reading a pong, until a send does not finish within a second (every buffer
+    // full: the server stops reading a client whose replies back up) or fails (the server
+    // dropped it already).
+    let id = "p".repeat(200);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{sent} pings and the pipe never filled"
+        );
+        let ping = Message::text(json!({"type": "ping", "id": id}).to_string());
+        match tokio::time::timeout(Duration::from_secs(1), stalled.send(ping)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    // What the server sent before it gave up drains; then the stream ends. A server that kept
+    // the connection would go on answering the queued pings and then leave it open.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut pongs = 0u64;
+    loop {
+        match tokio::time::timeout_at(deadline, stalled.next()).await {
+            Err(_) => panic!("the server kept a client that stopped reading ({pongs} pongs)"),
+            Ok(None | Some(Err(_))) => break,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert!(t.as_str().contains("pong"), "unexpected reply {t}");
+                pongs += 1;
+            }
+            Ok(Some(Ok(other))) => panic!("unexpected frame {other:?}"),
+        }
+    }
+    assert!(pongs < sent, "every one of {sent} pings was answered");
+    assert_eq!(server.metric("chatguard_write_timeouts_total").await, 1.0);
+    // Another client is served, and the server stops at once (no connection holds it).
+    let mut ws = server.connect().await;
+    send(&mut ws, json!({"type": "ping", "id": "after"})).await;
+    let pong = crate::common::recv(&mut ws).await;
+    assert_eq!(pong["id"], "after");
+    server.stop().await;
 }
 
 /// Many idle WebSocket connections: they cost little memory each, the server still answers a

@@ -13,7 +13,9 @@
 //! [`PendingImages`] store and the request waits for missing ones up to `image.binary_wait_ms`.
 //!
 //! Close codes: 1001 on shutdown, 1009 for a message over `server.max_message_bytes`, 1007 for
-//! a text frame that is not UTF-8, 1002 for other protocol violations.
+//! a text frame that is not UTF-8, 1002 for other protocol violations. A client that stops
+//! reading gets no close frame (it would not read it): once one frame has waited
+//! `server.write_timeout_ms` for it, the connection is dropped.
 
 use super::Shared;
 use super::protocol::{
@@ -23,6 +25,7 @@ use super::protocol::{
 use crate::image::pending::{PendingError, PendingImages};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, broadcast, mpsc};
@@ -38,7 +41,9 @@ pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shar
     let (sink, mut stream) = ws.split();
     let (out_tx, out_rx) = mpsc::channel::<Message>(server.outgoing_queue_len);
     let events = shared.moderator.events().subscribe(&tenant);
-    let writer = tokio::spawn(write_loop(sink, out_rx, events));
+    let write_timeout = Duration::from_millis(server.write_timeout_ms);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, events, write_timeout));
+    let mut writer_done = false;
     let max_in_flight = server.max_in_flight_per_connection;
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let conn = Conn {
@@ -54,6 +59,19 @@ pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shar
         let msg = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => break Some((CloseCode::Away, "server shutting down")),
+            // The socket broke, or the client stopped reading: nothing more can reach it.
+            end = &mut writer => {
+                writer_done = true;
+                if matches!(end, Ok(WriterEnd::Stalled)) {
+                    shared.metrics.write_timeouts.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        tenant = %conn.tenant,
+                        timeout_ms = server.write_timeout_ms,
+                        "client stopped reading its replies; dropping the connection"
+                    );
+                }
+                break None;
+            }
             msg = stream.next() => msg,
         };
         match msg {
@@ -82,7 +100,10 @@ pub(crate) async fn serve(ws: WebSocketStream<TcpStream>, tenant: Arc<str>, shar
         let _ = conn.out_tx.send(Message::Close(Some(frame))).await;
     }
     drop(conn);
-    let _ = writer.await;
+    if !writer_done {
+        // Bounded: the writer gives up on a frame the client does not take in time.
+        let _ = writer.await;
+    }
 }
 
 /// Maps a read error to the close frame to send, if the socket can still take one.
@@ -106,12 +127,22 @@ fn close_for(e: &WsError) -> Option<(CloseCode, &'static str)> {
     }
 }
 
-/// The sending side: replies from `out_rx` and the tenant's events, in arrival order.
+/// How [`write_loop`] ended.
+enum WriterEnd {
+    /// The replies ran out, a close frame went out, or the socket broke.
+    Done,
+    /// A frame waited `server.write_timeout_ms` for the client to take it.
+    Stalled,
+}
+
+/// The sending side: replies from `out_rx` and the tenant's events, in arrival order, each
+/// given `write_timeout` to go out.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
     mut out_rx: mpsc::Receiver<Message>,
     mut events: broadcast::Receiver<Arc<str>>,
-) {
+    write_timeout: Duration,
+) -> WriterEnd {
     loop {
         let msg = tokio::select! {
             msg = out_rx.recv() => match msg {
@@ -132,11 +163,15 @@ async fn write_loop(
             },
         };
         let is_close = matches!(msg, Message::Close(_));
-        if sink.send(msg).await.is_err() || is_close {
-            break;
+        match tokio::time::timeout(write_timeout, sink.send(msg)).await {
+            Ok(Ok(())) if !is_close => {}
+            Ok(_) => break,
+            // Dropped without a close frame: the client would not read that either.
+            Err(_) => return WriterEnd::Stalled,
         }
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+    WriterEnd::Done
 }
 
 /// Per-connection request handling.
@@ -145,7 +180,8 @@ struct Conn {
     tenant: Arc<str>,
     /// Server-wide state.
     shared: Arc<Shared>,
-    /// Frames to send; bounded, so a client that does not read slows only itself.
+    /// Frames to send; bounded, so a client that does not read slows only itself (until
+    /// `server.write_timeout_ms` drops it).
     out_tx: mpsc::Sender<Message>,
     /// One permit per in-flight request.
     in_flight: Arc<Semaphore>,
