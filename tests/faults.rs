@@ -846,36 +846,40 @@ async fn slowloris_handshakes_are_cut_off_by_the_handshake_deadline() {
     moderate(&mut ws, "n2", json!({"text":"still served"})).await;
 }
 
-/// A client that stops reading its replies: once one reply has waited `server.write_timeout_ms`
-/// for it, the server drops the connection (counted in `chatguard_write_timeouts_total`)
-/// instead of holding it, its requests and the server's shutdown forever; another client is
-/// served meanwhile.
-#[tokio::test]
-async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
+/// Sends pings on `ws` without reading a pong until a send does not finish within a second
+/// (every buffer full: the server stops reading a client whose replies back up) or fails (the
+/// server dropped it already). Returns how many went out.
+async fn ping_without_reading(ws: &mut Ws) -> u64 {
     use futures_util::SinkExt;
-    let server = crate::common::Server::start(|raw| {
-        raw.server.write_timeout_ms = 300;
-        raw.server.outgoing_queue_len = 4;
-    })
-    .await;
-    let mut stalled = server.connect().await;
-    // Pings, never reading a pong, until a send does not finish within a second (every buffer
-    // full: the server stops reading a client whose replies back up) or fails (the server
-    // dropped it already).
     let id = "p".repeat(200);
     let started = Instant::now();
-    let mut sent = 0u64;
+    let mut sent = 0;
     loop {
         assert!(
             started.elapsed() < PATIENCE,
             "{sent} pings and the pipe never filled"
         );
         let ping = Message::text(json!({"type": "ping", "id": id}).to_string());
-        match tokio::time::timeout(Duration::from_secs(1), stalled.send(ping)).await {
+        match tokio::time::timeout(Duration::from_secs(1), ws.send(ping)).await {
             Ok(Ok(())) => sent += 1,
-            Ok(Err(_)) | Err(_) => break,
+            Ok(Err(_)) | Err(_) => return sent,
         }
     }
+}
+
+/// A client that stops reading its replies: once one reply has waited `server.write_timeout_ms`
+/// for it, the server drops the connection (counted in `chatguard_write_timeouts_total`)
+/// instead of holding it, its requests and the server's shutdown forever; another client is
+/// served meanwhile.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
+    let server = crate::common::Server::start(|raw| {
+        raw.server.write_timeout_ms = 300;
+        raw.server.outgoing_queue_len = 4;
+    })
+    .await;
+    let mut stalled = server.connect().await;
+    let sent = ping_without_reading(&mut stalled).await;
     // What the server sent before it gave up drains; then the stream ends. A server that kept
     // the connection would go on answering the queued pings and then leave it open.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -893,11 +897,15 @@ async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
     }
     assert!(pongs < sent, "every one of {sent} pings was answered");
     assert_eq!(server.metric("chatguard_write_timeouts_total").await, 1.0);
-    // Another client is served, and the server stops at once (no connection holds it).
+    // Another client is served.
     let mut ws = server.connect().await;
     send(&mut ws, json!({"type": "ping", "id": "after"})).await;
     let pong = crate::common::recv(&mut ws).await;
     assert_eq!(pong["id"], "after");
+    // One more stops reading, and the server is told to stop right away: it does (`stop`
+    // allows 15 s; a connection stuck on a reply that is never taken held it forever).
+    let mut second = server.connect().await;
+    ping_without_reading(&mut second).await;
     server.stop().await;
 }
 
