@@ -163,7 +163,13 @@ async fn write_loop(
             },
         };
         let is_close = matches!(msg, Message::Close(_));
-        match tokio::time::timeout(write_timeout, sink.send(msg)).await {
+        let mut sending = std::pin::pin!(sink.send(msg));
+        // Most frames go out at once: the timer is set only for one that has to wait.
+        let sent = match futures_util::poll!(sending.as_mut()) {
+            std::task::Poll::Ready(result) => Ok(result),
+            std::task::Poll::Pending => tokio::time::timeout(write_timeout, sending).await,
+        };
+        match sent {
             Ok(Ok(())) if !is_close => {}
             Ok(_) => break,
             // Dropped without a close frame: the client would not read that either.
