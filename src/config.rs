@@ -254,12 +254,16 @@ impl Config {
             ("server.max_message_bytes", s.max_message_bytes),
             ("server.max_text_bytes", s.max_text_bytes),
             ("server.outgoing_queue_len", s.outgoing_queue_len),
-            ("server.write_timeout_ms", s.write_timeout_ms as usize),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be > 0")));
             }
+        }
+        if s.write_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "server.write_timeout_ms must be > 0".into(),
+            ));
         }
         if s.max_in_flight_per_connection > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::Invalid(
@@ -464,5 +468,8 @@ mod tests {
         let mut raw = RawConfig::default();
         raw.auth.tokens.insert("short".into(), "t".into());
         assert!(Config::build(raw).is_err());
+        let raw: RawConfig = toml::from_str("[server]\nwrite_timeout_ms = 0").expect("parses");
+        let err = Config::build(raw).expect_err("invalid").to_string();
+        assert!(err.contains("server.write_timeout_ms must be > 0"), "{err}");
     }
 }
