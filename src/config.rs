@@ -245,25 +245,20 @@ impl Config {
     /// Validates `raw` and builds the runtime objects.
     pub fn build(raw: RawConfig) -> Result<Config, ConfigError> {
         let s = &raw.server;
-        let positive = [
-            ("server.max_connections", s.max_connections),
+        // Settings that must be > 0, whatever their type: whether each is 0.
+        let zero = [
+            ("server.max_connections", s.max_connections == 0),
             (
                 "server.max_in_flight_per_connection",
-                s.max_in_flight_per_connection,
+                s.max_in_flight_per_connection == 0,
             ),
-            ("server.max_message_bytes", s.max_message_bytes),
-            ("server.max_text_bytes", s.max_text_bytes),
-            ("server.outgoing_queue_len", s.outgoing_queue_len),
+            ("server.max_message_bytes", s.max_message_bytes == 0),
+            ("server.max_text_bytes", s.max_text_bytes == 0),
+            ("server.outgoing_queue_len", s.outgoing_queue_len == 0),
+            ("server.write_timeout_ms", s.write_timeout_ms == 0),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(ConfigError::Invalid(format!("{name} must be > 0")));
-            }
-        }
-        if s.write_timeout_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "server.write_timeout_ms must be > 0".into(),
-            ));
+        if let Some((name, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(ConfigError::Invalid(format!("{name} must be > 0")));
         }
         if s.max_in_flight_per_connection > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(ConfigError::Invalid(
