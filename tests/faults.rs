@@ -900,7 +900,7 @@ async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
     // Another client is served.
     let mut ws = server.connect().await;
     send(&mut ws, json!({"type": "ping", "id": "after"})).await;
-    let pong = crate::common::recv(&mut ws).await;
+    let pong = recv(&mut ws).await;
     assert_eq!(pong["id"], "after");
     // One more stops reading, and the server is told to stop right away: it does (`stop`
     // allows 15 s; a connection stuck on a reply that is never taken held it forever).
